@@ -1,0 +1,83 @@
+"""The Python API: load a scenario, override keys, run it, get the results back as data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedens.scenario import Scenario, load_scenario
+
+
+class RunFailed(RuntimeError):
+    """A run that started but failed; ``run_dir`` holds the finished rounds and ``run.log``."""
+
+    def __init__(self, message: str, run_dir: Path) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+@dataclass(frozen=True)
+class RunResult:
+    scenario: Scenario
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def final(self) -> dict[str, dict[str, Any]]:
+        """Last evaluation row of each scope (``global-test``, ``global-shift``, ``clients``)."""
+        return self.summary["final"]
+
+    def scope(self, name: str) -> list[dict[str, Any]]:
+        """All rows of one scope, in round order."""
+        return [r for r in self.rows if r["scope"] == name]
+
+
+def load(
+    source: str | Path | Mapping[str, Any] | Scenario,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+) -> Scenario:
+    """A validated ``Scenario`` from a YAML path, a mapping or a Scenario, with overrides
+    (``["rounds=5"]`` or ``{"rounds": 5}``). Raises ``ScenarioError``."""
+    return load_scenario(source, overrides)
+
+
+def run(
+    source: str | Path | Mapping[str, Any] | Scenario,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    out: str | Path | None = None,
+    verbose: bool = False,
+    on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
+) -> RunResult:
+    """Run a scenario through Flower's simulation engine and return its results.
+
+    Raises ``ScenarioError`` for an invalid scenario (before anything starts) and ``RunFailed``
+    when the run itself fails (the folder keeps every finished round).
+    """
+    from fedens.client_app import make_client_app
+    from fedens.results import RunRecorder, make_run_dir
+    from fedens.server_app import make_server_app
+    from fedens.simulate import run_engine
+
+    scn = load(source, overrides)
+    run_dir = make_run_dir(scn, out)
+    recorder = RunRecorder(run_dir, scn)
+    try:
+        run_engine(make_server_app(scn, recorder, on_round), make_client_app(scn), scn, verbose)
+    except BaseException as err:  # record the failure, keep the finished rounds, re-raise
+        message = _root_message(err)
+        recorder.finish("failed", message)
+        if isinstance(err, Exception):
+            raise RunFailed(message, run_dir) from err
+        raise
+    summary = recorder.finish("ok")
+    return RunResult(scn, run_dir, recorder.rows, summary)
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost cause: the engine wraps the ServerApp's exception in its own."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"

@@ -1,0 +1,120 @@
+"""Command line: ``fedens run|validate|list`` (``python run_sim.py FILE`` is ``fedens run FILE``).
+
+Exit codes: 0 success; 2 invalid scenario or usage (one line on stderr naming the file and the
+key path, never a traceback); 1 a failure while running (message and where the log is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from fedens.scenario import ScenarioError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse's own usage errors: one line, exit 2
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedens", description="Uncertainty-aware federated learning on Flower + Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run a scenario")
+    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("--out", help="write the results into exactly this folder")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key (dotted path, value parsed as YAML); repeatable")
+    run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    val = sub.add_parser("validate", help="check a scenario without running it")
+    val.add_argument("scenario")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("list", help="registered datasets, models, learners and strategies")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ScenarioError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fedens.scenario import load_scenario
+
+    scn = load_scenario(args.scenario, args.overrides)
+    print(f"{args.scenario}: ok ({scn.name}: {scn.data.num_clients} clients, {scn.rounds} rounds, "
+          f"learner {scn.learner.kind}, strategy {scn.strategy.name})")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from fedens.data import DATASETS
+    from fedens.learners import LEARNERS
+    from fedens.models import MODELS
+    from strategies import STRATEGIES
+
+    for title, reg in (("datasets", DATASETS), ("models", MODELS), ("learners", LEARNERS), ("strategies", STRATEGIES)):
+        print(f"{title}: {', '.join(reg.names())}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedens.api import RunFailed, load, run
+
+    scn = load(args.scenario, args.overrides)  # invalid input fails here, before Ray starts
+    progress = None if args.no_progress else _Progress(scn.rounds)
+    try:
+        with progress or contextlib.nullcontext():
+            result = run(scn, out=args.out, verbose=args.verbose, on_round=progress.update if progress else None)
+    except RunFailed as err:
+        print(f"error: run failed: {err}\n  see {err.run_dir / 'run.log'}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted; finished rounds are kept", file=sys.stderr)
+        return 130
+    test = result.final.get("global-test", {})
+    print(f"{scn.name}: {result.summary['wall_time_s']:.1f}s, final test accuracy {test.get('accuracy', float('nan')):.4f} "
+          f"NLL {test.get('nll', float('nan')):.4f} ECE {test.get('ece', float('nan')):.4f} "
+          f"Brier {test.get('brier', float('nan')):.4f}\nresults: {result.run_dir}")
+    return EXIT_OK
+
+
+class _Progress:
+    """A rich progress bar over rounds showing the latest global accuracy and ECE."""
+
+    def __init__(self, rounds: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
+                            TimeElapsedColumn(), transient=False)
+        self.task = self.bar.add_task("starting Ray ...", total=rounds)
+
+    def __enter__(self) -> _Progress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def update(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+        test = next((r for r in rows if r["scope"] == "global-test"), None)
+        desc = f"acc {test['accuracy']:.3f}  ECE {test['ece']:.3f}" if test else None
+        self.bar.update(self.task, completed=server_round, **({"description": desc} if desc else {}))
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

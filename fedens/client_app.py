@@ -1,0 +1,81 @@
+"""The Flower ClientApp: train and evaluate handlers that delegate to the scenario's learner.
+
+Every message builds a fresh learner, loads the arrays the server sent, and works on the
+partition this node simulates (``context.node_config["partition-id"]``). The partition data is
+built once per Ray actor process and cached (``fedens.data``). Randomness is seeded from
+``(seed, round, partition id)``, so results do not depend on which actor runs which client.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedens.data import ClientData, load_client_data, load_server_data
+from fedens.learners import build_learner
+from fedens.learners.base import Learner, predict_dataset
+from fedens.metrics import classification_metrics
+from fedens.payload import from_record, single_arrayrecord, to_record
+from fedens.scenario import Scenario
+from fedens.seeding import seeded_generator
+
+ROUND_KEY = "fedens"  # a ConfigRecord the fedens grid adds to every message: {"round": r}
+
+
+def select_device(num_gpus: float) -> torch.device:
+    """CUDA when the client was given a GPU share and one is present, else CPU."""
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def message_round(msg: Message) -> int:
+    """The server round a message belongs to (stamped by the fedens grid)."""
+    rec = msg.content.config_records.get(ROUND_KEY)
+    return int(rec["round"]) if rec is not None and "round" in rec else 0
+
+
+def make_client_app(scn: Scenario) -> ClientApp:
+    """A ClientApp for ``scn``; the scenario travels to the Ray actors inside the app."""
+    app = ClientApp()
+    device = select_device(scn.resources.num_gpus)
+
+    def setup(msg: Message, context: Context) -> tuple[int, ClientData, Learner]:
+        # One actor per CPU share: keep torch from oversubscribing the cores.
+        torch.set_num_threads(max(1, int(scn.resources.num_cpus)))
+        pid = int(context.node_config["partition-id"])
+        data = load_client_data(scn.data, scn.seed, pid)  # built once per actor, then cached
+        facts = load_server_data(scn.data, scn.seed)  # same cached build
+        learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+        learner.set_arrays(from_record(single_arrayrecord(msg.content)))
+        return pid, data, learner
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid, client_data, learner = setup(msg, context)
+        data = client_data.train
+        generator = seeded_generator(scn.seed, message_round(msg), pid)
+        t0 = time.perf_counter()
+        metrics = learner.fit(data, generator)
+        metrics.update({"num-examples": len(data), "train_time_s": time.perf_counter() - t0})
+        content = RecordDict({"arrays": to_record(learner.get_arrays()), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        _, client_data, learner = setup(msg, context)
+        data = client_data.val
+        probs = predict_dataset(learner, data, scn.evaluate.batch_size).mean(0)
+        metrics = classification_metrics(probs, torch.from_numpy(data.y), scn.evaluate.n_bins)
+        metrics["num-examples"] = len(data)
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query("info")
+    def info(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        data = load_client_data(scn.data, scn.seed, pid)
+        facts = {"partition-id": pid, "num-train": len(data.train), "num-val": len(data.val)}
+        return Message(content=RecordDict({"info": ConfigRecord(facts)}), reply_to=msg)
+
+    return app

@@ -1,0 +1,66 @@
+"""The dataset interface: an in-memory array dataset and the spec a dataset registers.
+
+A dataset is registered in ``DATASETS`` as a ``DatasetSpec``: its options model (the scenario's
+``data.params``), a loader returning the whole dataset at raw scale, and two cheap functions
+(no loading) that let a scenario be validated before any data is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from fedens.registry import Registry
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Inputs ``x`` float32 ``(n, *input_shape)`` (images ``(n, C, H, W)``, vectors ``(n, F)``)
+    and labels ``y`` int64 ``(n,)``.
+
+    Built datasets are shared through a per-process cache: never modify the arrays in place.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        # Checked here so a plug-in loader with wrong dtypes fails at once, not deep in torch.
+        if self.x.dtype != np.float32 or self.y.dtype != np.int64:
+            raise ValueError(f"ArrayDataset needs float32 x and int64 y, got {self.x.dtype} and {self.y.dtype}")
+        if self.y.ndim != 1 or self.x.ndim < 2 or len(self.x) != len(self.y):
+            raise ValueError(f"ArrayDataset needs x (n, ...) and y (n,), got {self.x.shape} and {self.y.shape}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class DatasetOptions(BaseModel):
+    """Base for a dataset's options: frozen, and any unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a registered dataset provides.
+
+    Options : pydantic model of the dataset's options (the scenario's ``data.params``).
+    load : ``(options, seed) -> ArrayDataset``, the whole dataset at raw scale.
+    input_shape : ``options -> shape of one input``; cheap, no loading.
+    num_classes : ``options -> number of classes``; cheap, no loading.
+
+    Options that name missing files raise ``ValueError`` with a one-line message.
+    """
+
+    Options: type[BaseModel]
+    load: Callable[[Any, int], ArrayDataset]
+    input_shape: Callable[[Any], tuple[int, ...]]
+    num_classes: Callable[[Any], int]
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")

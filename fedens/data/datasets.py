@@ -1,0 +1,198 @@
+"""The built-in datasets: ``digits``, ``synthetic``, ``image_folder`` and ``hf_disk``.
+
+Every loader returns the whole dataset at raw scale (standardisation happens later, from the
+training pool only) and never downloads anything. Images come out as float32 ``(n, C, H, W)``
+in [0, 1]; vectors as float32 ``(n, F)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from fedens.data.base import DATASETS, ArrayDataset, DatasetOptions, DatasetSpec
+
+
+def _image_array(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
+    """A PIL image as float32 ``(C, size, size)`` in [0, 1], C = 1 (grayscale) or 3 (RGB)."""
+    img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return a[None] if grayscale else a.transpose(2, 0, 1)
+
+
+def _image_shape(o: Any) -> tuple[int, ...]:
+    return (1 if o.grayscale else 3, o.image_size, o.image_size)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+class DigitsOptions(DatasetOptions):
+    """scikit-learn's bundled 8x8 digits: no options."""
+
+
+def load_digits(o: DigitsOptions, seed: int) -> ArrayDataset:
+    """1,797 images ``(1797, 1, 8, 8)`` in [0, 1] (pixel counts 0..16 divided by 16), 10 classes."""
+    from sklearn.datasets import load_digits as sk_load_digits  # bundled with scikit-learn, no download
+
+    d = sk_load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    return ArrayDataset(x, d.target.astype(np.int64))
+
+
+DATASETS.add("digits", DatasetSpec(DigitsOptions, load_digits, lambda o: (1, 8, 8), lambda o: 10))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+class SyntheticOptions(DatasetOptions):
+    """A Gaussian mixture: class means ~ N(0, I) * separation, unit-variance noise around them."""
+
+    num_samples: int = Field(2000, ge=10)
+    num_classes: int = Field(10, ge=2)
+    num_features: int = Field(32, ge=1)
+    separation: float = Field(2.0, gt=0, description="scale of the class means; smaller = harder")
+    as_image: bool = Field(False, description="shape x as (n, 1, s, s); num_features must be s*s")
+
+    @field_validator("as_image")
+    @classmethod
+    def _square(cls, v: bool, info: ValidationInfo) -> bool:
+        f = info.data.get("num_features")
+        if v and f is not None and math.isqrt(f) ** 2 != f:
+            raise PydanticCustomError("not_square", "needs num_features to be a perfect square, got {f}", {"f": f})
+        return v
+
+
+def _synthetic_shape(o: SyntheticOptions) -> tuple[int, ...]:
+    s = math.isqrt(o.num_features)
+    return (1, s, s) if o.as_image else (o.num_features,)
+
+
+def load_synthetic(o: SyntheticOptions, seed: int) -> ArrayDataset:
+    """``num_samples`` examples ``(n, F)`` (or ``(n, 1, s, s)``), classes balanced to within one."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((o.num_classes, o.num_features)) * o.separation
+    y = rng.permutation(np.arange(o.num_samples) % o.num_classes)
+    x = means[y] + rng.standard_normal((o.num_samples, o.num_features))
+    return ArrayDataset(x.astype(np.float32).reshape(-1, *_synthetic_shape(o)), y.astype(np.int64))
+
+
+DATASETS.add("synthetic", DatasetSpec(SyntheticOptions, load_synthetic, _synthetic_shape, lambda o: o.num_classes))
+
+
+# --------------------------------------------------------------------------- image_folder
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+class ImageFolderOptions(DatasetOptions):
+    """A torchvision-style tree ``root/<class name>/**/*.png`` (also jpg, jpeg, bmp, gif)."""
+
+    root: str
+    image_size: int = Field(28, ge=1, description="images are resized to image_size x image_size")
+    grayscale: bool = Field(True, description="1 channel; False gives 3 (RGB)")
+
+
+def _classes(o: ImageFolderOptions) -> list[str]:
+    """Class names = the sorted subfolders of ``root``, as torchvision's ``find_classes``."""
+    if not Path(o.root).is_dir():
+        raise ValueError(f"data.params.root: folder {o.root!r} not found")
+    classes = sorted(e.name for e in os.scandir(o.root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"data.params.root: folder {o.root!r} has no class subfolders")
+    return classes
+
+
+def load_image_folder(o: ImageFolderOptions, seed: int) -> ArrayDataset:
+    """Every image below ``root/<class>/`` as ``(n, C, image_size, image_size)`` in [0, 1];
+    label = index of the class in sorted order, files in sorted order as torchvision walks them."""
+    xs, ys = [], []
+    for label, name in enumerate(_classes(o)):
+        files = [
+            Path(dirpath, f)
+            for dirpath, _, fnames in sorted(os.walk(Path(o.root, name), followlinks=True))
+            for f in sorted(fnames)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        if not files:
+            raise ValueError(f"data.params.root: class folder {name!r} in {o.root!r} has no images")
+        for f in files:
+            with Image.open(f) as img:
+                xs.append(_image_array(img, o.image_size, o.grayscale))
+        ys += [label] * len(files)
+    return ArrayDataset(np.stack(xs), np.asarray(ys, dtype=np.int64))
+
+
+DATASETS.add(
+    "image_folder",
+    DatasetSpec(ImageFolderOptions, load_image_folder, _image_shape, lambda o: len(_classes(o))),
+)
+
+
+# --------------------------------------------------------------------------- hf_disk
+
+
+class HfDiskOptions(DatasetOptions):
+    """A Hugging Face dataset saved with ``Dataset.save_to_disk`` (read locally, never the hub)."""
+
+    path: str
+    image_key: str = "image"
+    label_key: str = "label"
+    image_size: int = Field(28, ge=1)
+    grayscale: bool = True
+    split: str = Field("train", description="used only if a DatasetDict was saved")
+    num_classes: int | None = Field(None, ge=2, description="required if the labels are not a ClassLabel")
+
+
+def _open_hf(o: HfDiskOptions) -> Any:
+    """The saved dataset, memory-mapped (opening it reads no rows)."""
+    import datasets
+
+    if not Path(o.path).is_dir():
+        raise ValueError(f"data.params.path: folder {o.path!r} not found")
+    try:
+        ds = datasets.load_from_disk(o.path)
+    except FileNotFoundError:
+        raise ValueError(f"data.params.path: {o.path!r} is not a dataset saved with save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if o.split not in ds:
+            raise ValueError(f"data.params.split: {o.split!r} not in {o.path!r} (splits: {', '.join(ds)})")
+        ds = ds[o.split]
+    for key in ("image_key", "label_key"):
+        if getattr(o, key) not in ds.column_names:
+            raise ValueError(f"data.params.{key}: no column {getattr(o, key)!r} (columns: {', '.join(ds.column_names)})")
+    return ds
+
+
+def _hf_num_classes(o: HfDiskOptions) -> int:
+    import datasets
+
+    feature = _open_hf(o).features[o.label_key]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    if o.num_classes is None:
+        raise ValueError(f"data.params.num_classes: required, column {o.label_key!r} is not a ClassLabel")
+    return o.num_classes
+
+
+def load_hf_disk(o: HfDiskOptions, seed: int) -> ArrayDataset:
+    """All rows as ``(n, C, image_size, image_size)`` in [0, 1] and integer labels ``(n,)``."""
+    ds = _open_hf(o)
+    to_pil = lambda im: im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))  # noqa: E731
+    x = np.stack([_image_array(to_pil(im), o.image_size, o.grayscale) for im in ds[o.image_key]])
+    y = np.asarray(ds[o.label_key])
+    k = _hf_num_classes(o)
+    if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= k)):
+        raise ValueError(f"data.params.label_key: labels of {o.label_key!r} must be integers in 0..{k - 1}")
+    return ArrayDataset(x, y.astype(np.int64))
+
+
+DATASETS.add("hf_disk", DatasetSpec(HfDiskOptions, load_hf_disk, _image_shape, _hf_num_classes))

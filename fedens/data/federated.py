@@ -1,0 +1,136 @@
+"""The federated view of a dataset: a global test set, its shifted copy, and client splits.
+
+``build_federated_data`` does, given ``DataConfig`` and a seed:
+  1. load the whole dataset from the registry (raw scale);
+  2. hold out a stratified global test set (``test_fraction``);
+  3. partition the rest over ``num_clients`` clients (``data.partition``);
+  4. split each client's share into train and validation (``val_fraction``, stratified);
+  5. standardise every input with per-channel mean/std of the non-test pool;
+  6. make the shifted test set (``data.shift.severity``).
+Same (config, seed) -> identical arrays; another seed -> another test split and partition.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedens.data.base import DATASETS, ArrayDataset
+from fedens.data.partition import partition_indices
+from fedens.data.shift import shift_dataset
+from fedens.scenario import DataConfig
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's data, standardised: ``train`` and ``val`` (``val`` is empty iff val_fraction is 0)."""
+
+    train: ArrayDataset
+    val: ArrayDataset
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """The global held-out ``test`` set, its covariate-shifted copy ``shift`` (same labels), and
+    the facts a model needs: ``num_classes`` and ``input_shape`` (one input, without batch axis)."""
+
+    test: ArrayDataset
+    shift: ArrayDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    server: ServerData
+    clients: tuple[ClientData, ...]
+
+
+def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..n-1`` of labels ``y`` ``(n,)`` into (kept, held out), both sorted.
+
+    ``round(fraction * n)`` are held out, at least 1 if ``fraction > 0`` and at most ``n - 1``,
+    so at least one example is always kept. Each class gives its share ``fraction * n_c``,
+    rounded by largest remainder (ties at random) so the total is exact.
+    """
+    n = len(y)
+    k = min(max(round(fraction * n), 1 if fraction > 0 else 0), n - 1)
+    if n == 0 or k < 0 or (fraction > 0 and k < 1):
+        need = "2 (1 kept, 1 held out)" if fraction > 0 else "1"
+        raise ValueError(f"{n} example(s), need at least {need}")
+    classes, counts = np.unique(y, return_counts=True)
+    quota = k * counts / n
+    take = np.floor(quota).astype(int)
+    # Largest remainders get the leftover examples; a random permutation breaks ties.
+    perm = rng.permutation(len(classes))
+    best = perm[np.argsort(-(quota - take)[perm], kind="stable")]
+    take[best[: k - take.sum()]] += 1
+    held = np.concatenate([rng.choice(np.flatnonzero(y == c), t, replace=False) for c, t in zip(classes, take)])
+    return np.setdiff1d(np.arange(n), held), np.sort(held)
+
+
+def _take(ds: ArrayDataset, idx: np.ndarray) -> ArrayDataset:
+    return ArrayDataset(ds.x[idx], ds.y[idx])
+
+
+def _build(cfg: DataConfig, seed: int) -> FederatedData:
+    spec = DATASETS.resolve(cfg.dataset)
+    opts = spec.Options.model_validate(cfg.params)
+    full = spec.load(opts, seed)
+    shape, num_classes = tuple(spec.input_shape(opts)), spec.num_classes(opts)
+    if full.x.shape[1:] != shape or (len(full) and not 0 <= full.y.min() <= full.y.max() < num_classes):
+        raise ValueError(f"data.dataset: {cfg.dataset!r} loaded inputs of shape {full.x.shape[1:]} with labels "
+                         f"{full.y.min()}..{full.y.max()}, but declares {shape} and {num_classes} classes")
+
+    pool, test = stratified_split(full.y, cfg.test_fraction, np.random.default_rng([seed, 0]))
+
+    # Per-channel statistics of the non-test pool (axis 1 = channels of images, features of
+    # vectors); the test set must not leak into them.
+    axes = (0, *range(2, full.x.ndim))
+    mean = full.x[pool].mean(axis=axes, keepdims=True)
+    std = full.x[pool].std(axis=axes, keepdims=True)
+    std[std < 1e-6] = 1.0  # constant channels (e.g. always-black pixels) stay at 0
+    x = ((full.x - mean) / std).astype(np.float32)
+    data = ArrayDataset(x, full.y)
+
+    clients = []
+    for i, part in enumerate(partition_indices(full.y[pool], cfg.num_clients, cfg.partition, seed)):
+        idx = pool[part]
+        try:
+            tr, va = stratified_split(full.y[idx], cfg.val_fraction, np.random.default_rng([seed, 1, i]))
+        except ValueError as err:
+            raise ValueError(f"data.partition: client {i}: {err}; use fewer clients or a larger min_partition_size") from None
+        clients.append(ClientData(train=_take(data, idx[tr]), val=_take(data, idx[va])))
+
+    test_ds = _take(data, test)
+    server = ServerData(test_ds, shift_dataset(test_ds, cfg.shift.severity, seed), num_classes, shape)
+    return FederatedData(server, tuple(clients))
+
+
+# A deliberate per-process cache: every Ray actor process builds the data once and then serves
+# many messages (clients, rounds) from it. Keyed by the canonical JSON of the config and the
+# seed; the arrays are shared, so callers must not modify them in place.
+@functools.lru_cache(maxsize=4)
+def _build_cached(cfg_json: str, seed: int) -> FederatedData:
+    return _build(DataConfig.model_validate(json.loads(cfg_json)), seed)
+
+
+def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
+    """The federated data of ``cfg`` at ``seed``, built once per process (cached)."""
+    return _build_cached(json.dumps(cfg.model_dump(mode="json"), sort_keys=True), seed)
+
+
+def load_client_data(cfg: DataConfig, seed: int, partition_id: int) -> ClientData:
+    """Client ``partition_id``'s train/val data from the cached build."""
+    clients = build_federated_data(cfg, seed).clients
+    if not 0 <= partition_id < len(clients):
+        raise ValueError(f"partition id {partition_id} out of range 0..{len(clients) - 1}")
+    return clients[partition_id]
+
+
+def load_server_data(cfg: DataConfig, seed: int) -> ServerData:
+    """The global test set, its shifted copy, num_classes and input_shape from the cached build."""
+    return build_federated_data(cfg, seed).server

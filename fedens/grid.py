@@ -1,0 +1,139 @@
+"""``FedensGrid``: the Flower Grid every strategy talks to in fedens.
+
+It wraps the engine's grid and adds what a reproducible, measured simulation needs, without any
+strategy having to know:
+
+- **Fixed order.** At start it asks every node for its partition id (a ``query.info`` message)
+  and from then on lists nodes and returns replies in partition-id order, so aggregation sums
+  in the same order on every run. Flower's ``sample_nodes`` draws from Python's ``random``
+  module; it is reseeded from ``(seed, round)`` before each round.
+- **Round stamp.** Every message gets a ``fedens`` ConfigRecord ``{"round": r}``, from which
+  clients derive their seeds (strategies need not inject ``server-round``).
+- **Measurement.** Bytes of array payload sent and received, replies and failures per round,
+  and the replies' metrics, collected for the recorder.
+- **Evaluation schedule.** Federated evaluation messages are only sent in the rounds that
+  ``evaluate.every`` selects.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+from fedens.client_app import ROUND_KEY
+from fedens.payload import record_nbytes
+from fedens.seeding import derive_seed
+
+
+class AllClientsFailed(RuntimeError):
+    """Every reply of a training round was an error; the run cannot go on."""
+
+
+@dataclass
+class RoundTraffic:
+    """What crossed the grid in one round. ``train``/``evaluate`` map partition id -> metrics."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    train: dict[int, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+class FedensGrid(Grid):
+    def __init__(self, inner: Grid, seed: int, evaluate_rounds: set[int]) -> None:
+        self.inner = inner
+        self.seed = seed
+        self.evaluate_rounds = evaluate_rounds
+        self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.round = 0
+        self.traffic = RoundTraffic()
+
+    # ---------------------------------------------------------------- Grid interface (delegated)
+    def set_run(self, run: Run) -> None:  # the engine sets the run on the inner grid
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002,ANN003
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self.inner.get_node_ids())
+        return sorted(nodes, key=lambda n: (self.partition_of.get(n, len(self.partition_of)), n))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(self._outgoing(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._incoming(self.inner.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        out = self._outgoing(messages)
+        if not out:
+            return []
+        return self._incoming(self.inner.send_and_receive(out, timeout=timeout))
+
+    # ---------------------------------------------------------------- fedens additions
+    def discover(self, num_nodes: int, timeout: float = 600.0) -> dict[int, int]:
+        """Wait for ``num_nodes`` nodes and learn each one's partition id."""
+        deadline = time.time() + timeout
+        while len(nodes := list(self.inner.get_node_ids())) < num_nodes:
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {num_nodes} simulated nodes came up")
+            time.sleep(0.1)
+        queries = [Message(RecordDict(), message_type="query.info", dst_node_id=n) for n in nodes]
+        replies = list(self.inner.send_and_receive(queries, timeout=timeout))
+        errors = [r.error.reason for r in replies if r.has_error()]
+        if errors or len(replies) != len(nodes):
+            raise RuntimeError(f"client start-up failed: {errors[0] if errors else 'no reply'}")
+        self.partition_of = {r.metadata.src_node_id: int(r.content["info"]["partition-id"]) for r in replies}
+        self.begin_round(1)
+        return self.partition_of
+
+    def begin_round(self, server_round: int) -> None:
+        """Start collecting a new round's traffic and reseed node sampling for it."""
+        self.round = server_round
+        self.traffic = RoundTraffic()
+        random.seed(derive_seed(self.seed, server_round, 2**31))
+
+    def take_traffic(self) -> RoundTraffic:
+        return self.traffic
+
+    def _outgoing(self, messages: Iterable[Message]) -> list[Message]:
+        out = []
+        for msg in messages:
+            kind = msg.metadata.message_type.split(".")[0]
+            if kind == "evaluate" and self.round not in self.evaluate_rounds:
+                continue
+            msg.content[ROUND_KEY] = ConfigRecord({"round": self.round})
+            self.traffic.bytes_sent += record_nbytes(msg.content)
+            out.append(msg)
+        return out
+
+    def _incoming(self, replies: Iterable[Message]) -> list[Message]:
+        replies = sorted(replies, key=lambda m: (self.partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
+        trained = 0
+        for msg in replies:
+            pid = self.partition_of.get(msg.metadata.src_node_id, -1)
+            kind = msg.metadata.message_type.split(".")[0]
+            if msg.has_error():
+                self.traffic.failures.append(f"{kind} partition {pid}: {msg.error.reason}")
+                continue
+            self.traffic.bytes_received += record_nbytes(msg.content)
+            metrics = {k: v for rec in msg.content.metric_records.values() for k, v in rec.items()}
+            if kind in ("train", "evaluate"):
+                getattr(self.traffic, kind)[pid] = metrics
+                trained += kind == "train"
+        if replies and trained == 0 and all(m.metadata.message_type.startswith("train") for m in replies):
+            raise AllClientsFailed(f"round {self.round}: every client failed; first error: {self.traffic.failures[0]}")
+        return replies

@@ -1,0 +1,115 @@
+"""The learner interface: what a client trains.
+
+A learner owns its training loop, its predictive distribution and the named arrays it exports
+to the server and imports back. Strategies never see a learner, only its arrays (named by the
+rule in ``fedens.payload``), so every learner works with every strategy that understands its
+names.
+
+Shapes: inputs ``x`` are ``(batch, *input_shape)``; ``predict_proba`` returns probabilities
+``(members, batch, classes)`` (``members == 1`` for a single network; an ensemble's members, or
+a posterior's Monte Carlo samples, otherwise). Metrics average over the members axis.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from fedens.data import ArrayDataset
+from fedens.scenario import TrainConfig
+
+
+class NoOptions(BaseModel):
+    """A learner without options: any extra key under ``learner:`` is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Learner(ABC):
+    """Base class of all learners.
+
+    Parameters
+    ----------
+    model_fn : builds a fresh network mapping ``(batch, *input_shape)`` to logits
+        ``(batch, classes)``; learners call it once per member.
+    options : the learner's validated ``Options`` (the scenario's ``learner:`` keys).
+    train : the scenario's ``train:`` section (optimiser, learning rate, epochs, batch size).
+    device : where parameters and batches live; nothing in a learner assumes CPU.
+    """
+
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, model_fn: Callable[[], nn.Module], options: Any, train: TrainConfig, device: torch.device) -> None:
+        self.options = options
+        self.train_cfg = train
+        self.device = device
+
+    @abstractmethod
+    def fit(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
+        """Train on ``data`` for ``train.local_epochs``; return metrics, at least ``train_loss``."""
+
+    @abstractmethod
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictive probabilities ``(members, batch, classes)`` for inputs ``(batch, ...)``."""
+
+    @abstractmethod
+    def get_arrays(self) -> dict[str, np.ndarray]:
+        """The state that travels, as named numpy arrays (see ``fedens.payload``)."""
+
+    @abstractmethod
+    def set_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Load arrays exported by ``get_arrays`` (or aggregated from several of them)."""
+
+
+def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser the scenario's ``train`` section names (a registry, not a chain of ifs)."""
+    return OPTIMIZERS[cfg.optimizer](params, cfg)
+
+
+OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+def minibatches(
+    data: ArrayDataset, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled minibatches ``x (b, ...)``, ``y (b,)`` on ``device``."""
+    x = torch.from_numpy(data.x)
+    y = torch.from_numpy(data.y)
+    order = torch.randperm(len(data), generator=generator)
+    for start in range(0, len(data), batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def predict_dataset(learner: Learner, data: ArrayDataset, batch_size: int = 512) -> torch.Tensor:
+    """``learner.predict_proba`` over a whole dataset: ``(members, n, classes)`` on CPU."""
+    x = torch.from_numpy(data.x)
+    out = [learner.predict_proba(x[i : i + batch_size].to(learner.device)).cpu() for i in range(0, len(data), batch_size)]
+    return torch.cat(out, dim=1)
+
+
+def module_arrays(module: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
+    """A module's parameters and buffers as named numpy arrays (copies, on CPU)."""
+    return {prefix + k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_module_arrays(module: nn.Module, arrays: Mapping[str, np.ndarray], prefix: str = "") -> None:
+    """Inverse of ``module_arrays``: every tensor of the module must be present."""
+    state = module.state_dict()
+    missing = [k for k in state if prefix + k not in arrays]
+    if missing:
+        raise KeyError(f"arrays lack {len(missing)} tensors of the model, e.g. {prefix + missing[0]!r}")
+    with torch.no_grad():
+        for k, t in state.items():
+            t.copy_(torch.as_tensor(np.asarray(arrays[prefix + k])).to(t.dtype))

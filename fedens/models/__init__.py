@@ -1,0 +1,37 @@
+"""Small networks for the embedded datasets, behind a registry.
+
+A model spec has an ``Options`` schema (the scenario's ``model:`` keys besides ``kind``), a
+``check(options, input_shape)`` that says why a model cannot take an input (or ``None``), and
+``build(options, input_shape, num_classes) -> nn.Module`` mapping ``(batch, *input_shape)`` to
+logits ``(batch, num_classes)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from torch import nn
+
+from fedens.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    Options: type[BaseModel]
+    build: Callable[[Any, tuple[int, ...], int], nn.Module]
+    check: Callable[[Any, tuple[int, ...]], str | None] = lambda opts, shape: None
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def build_model(kind: str, options: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the registered model ``kind`` from its (unvalidated) option dict."""
+    spec = MODELS.get(kind)
+    return spec.build(spec.Options.model_validate(options), tuple(input_shape), num_classes)
+
+
+from fedens.models import cnn as _cnn, mlp as _mlp  # noqa: E402,F401  (registrations)

@@ -1,0 +1,350 @@
+"""The scenario: a typed, frozen, validated description of one simulation.
+
+YAML is read with ``yaml.safe_load``, ``--set KEY=VALUE`` overrides are applied to the raw
+mapping, and the result is validated into ``Scenario``. Nothing below this module sees a raw
+dict. Every way a scenario can be wrong ends in one ``ScenarioError`` whose message is a single
+line naming the file and the key path, e.g. ``quick.yaml: data.partition.alpha: must be > 0``.
+
+All defaults live in the field declarations below; this file is the reference for them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedens.registry import PluginError
+
+
+class ScenarioError(ValueError):
+    """An invalid scenario or usage. ``str(err)`` is one line: ``file: key.path: problem``."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Open(BaseModel):
+    """A config whose extra keys are the options of the registered kind it names."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+# --------------------------------------------------------------------------- data
+
+
+class IidPartition(_Strict):
+    """Every client gets an equal-sized uniform random share."""
+
+    kind: Literal["iid"] = "iid"
+
+
+class DirichletPartition(_Strict):
+    """Label skew: per class, shares drawn from Dirichlet(alpha); smaller alpha = more skew."""
+
+    kind: Literal["dirichlet"]
+    alpha: float = Field(0.5, gt=0)
+    min_partition_size: int = Field(10, ge=0, description="resample until every client has this many")
+
+
+class PathologicalPartition(_Strict):
+    """Each client holds examples of exactly ``classes_per_client`` classes."""
+
+    kind: Literal["pathological"]
+    classes_per_client: int = Field(2, ge=1)
+
+
+PartitionConfig = Annotated[
+    Union[IidPartition, DirichletPartition, PathologicalPartition], Field(discriminator="kind")
+]
+
+
+class ShiftConfig(_Strict):
+    """The shifted copy of the test set: Gaussian noise plus rotation at a severity 1..5.
+
+    Severity s adds noise of standard deviation ``0.1 * s`` (in units of the standardised
+    inputs) and rotates images by ``6 * s`` degrees in a random direction (vectors are only
+    noised).
+    """
+
+    severity: int = Field(3, ge=1, le=5)
+
+
+class DataConfig(_Strict):
+    dataset: str = "digits"
+    params: dict[str, Any] = Field(default_factory=dict, description="options of the dataset")
+    num_clients: int = Field(10, ge=1)
+    partition: PartitionConfig = Field(default_factory=IidPartition)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out global test set")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="of each client's partition")
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+
+
+# --------------------------------------------------------------------------- model and training
+
+
+class ModelConfig(_Open):
+    """``kind`` names a registered model; the other keys are its options (see fedens.models)."""
+
+    kind: str = "mlp"
+
+
+class LearnerConfig(_Open):
+    """``kind`` names a registered learner; the other keys are its options."""
+
+    kind: str = "single"
+
+
+class TrainConfig(_Strict):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class StrategyConfig(_Strict):
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict, description="constructor kwargs")
+
+
+class EvaluateConfig(_Strict):
+    every: int = Field(1, ge=1, description="evaluate every N rounds (and round 0 and the last)")
+    n_bins: int = Field(10, ge=2, description="equal-width ECE bins, as in the IVON and LoRA-Ensemble papers")
+    batch_size: int = Field(512, ge=1)
+
+
+class ResourcesConfig(_Strict):
+    """Per-client (per Ray actor) resources; the device is CUDA when a GPU share is given."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class EngineConfig(_Strict):
+    backend: Literal["ray"] = "ray"
+    telemetry: bool = Field(False, description="Flower telemetry; off unless turned on here")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs"
+    checkpoint: bool = Field(True, description="save the global model after every evaluation")
+
+
+class Scenario(_Strict):
+    name: str = Field("scenario", min_length=1)
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(20, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    # Where the scenario came from: plug-in paths are resolved against its folder.
+    source: str = Field("<scenario>", exclude=True)
+
+    def to_yaml(self) -> str:
+        """The resolved scenario as YAML (defaults and overrides applied)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @property
+    def base_dir(self) -> Path | None:
+        p = Path(self.source)
+        return p.parent if p.suffix in {".yaml", ".yml"} else None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_scenario(
+    source: str | Path | Mapping[str, Any] | Scenario,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+) -> Scenario:
+    """Load, override and validate a scenario from a YAML file, a mapping or a Scenario.
+
+    ``overrides`` are ``"key.path=value"`` strings (value parsed as YAML) or a mapping from
+    dotted key paths to values. Raises ``ScenarioError`` with a one-line message.
+    """
+    if isinstance(source, Scenario):
+        raw: Any = source.model_dump(mode="json")
+        label = source.source
+    elif isinstance(source, Mapping):
+        raw, label = dict(source), "<scenario>"
+    else:
+        label = str(source)
+        raw = _read_yaml(Path(source))
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{label}: the scenario must be a mapping of keys to values")
+    raw = _apply_overrides(raw, overrides, label)
+    try:
+        scn = Scenario.model_validate({**raw, "source": label})
+    except ValidationError as err:
+        raise ScenarioError(f"{label}: {_first_error(err, raw)}") from None
+    check_references(scn)
+    return scn
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ScenarioError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ScenarioError(f"{path}: {where}invalid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ScenarioError(f"{path}: cannot read: {err}") from None
+
+
+def parse_override(text: str, label: str = "--set") -> tuple[str, Any]:
+    """``"data.num_clients=20"`` -> ``("data.num_clients", 20)``; the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ScenarioError(f"{label}: {text!r}: expected KEY=VALUE")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise ScenarioError(f"{label}: {key}: value {value!r} is not valid YAML") from None
+
+
+def _apply_overrides(
+    raw: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any], label: str
+) -> dict[str, Any]:
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    out = _deep_copy(raw)
+    for key, value in pairs:
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                path = ".".join(parts[: i + 1])
+                raise ScenarioError(f"{label}: {key}: {path} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deep_copy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deep_copy(v) for v in x]
+    return x
+
+
+def _first_error(err: ValidationError, raw: Any) -> str:
+    e = err.errors()[0]
+    path = _key_path(raw, e["loc"])
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "union_tag_invalid":
+        msg = f"unknown kind {e['input'].get('kind')!r}; expected one of {e['ctx']['expected_tags']}"
+    elif e["type"] == "union_tag_not_found":
+        msg = "missing 'kind'"
+    else:
+        msg = msg[0].lower() + msg[1:]
+        msg = msg.replace("Input should be", "should be").replace("input should be", "should be")
+    return f"{path or '(top level)'}: {msg}"
+
+
+def _key_path(raw: Any, loc: tuple[Any, ...]) -> str:
+    """Pydantic's error location as a dotted key path of the user's YAML.
+
+    Discriminated unions add the tag (e.g. ``dirichlet``) to the location; it is not a key the
+    user wrote, so it is dropped by walking the raw input alongside the location.
+    """
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(node, dict) and item in node:
+            parts.append(str(item))
+            node = node[item]
+        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            parts.append(str(item))
+            node = node[item]
+        elif isinstance(node, dict) and node.get("kind") == item:
+            continue  # union tag
+        else:
+            parts.append(str(item))
+            node = None
+    return ".".join(parts)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def check_references(scn: Scenario) -> None:
+    """Check every name the scenario refers to (dataset, model, learner, strategy) resolves,
+    and that their options are valid. Imports the registries lazily."""
+    from fedens.data import DATASETS
+    from fedens.learners import LEARNERS
+    from fedens.models import MODELS
+    from strategies import resolve_strategy
+
+    label = scn.source
+    try:
+        ds = DATASETS.get(scn.data.dataset)
+    except PluginError as err:
+        raise ScenarioError(f"{label}: data.dataset: {err}") from None
+    ds_opts = _validate_options(ds.Options, scn.data.params, label, "data.params")
+    shape = ds.input_shape(ds_opts)
+    num_classes = ds.num_classes(ds_opts)
+
+    try:
+        model_spec = MODELS.get(scn.model.kind)
+    except PluginError as err:
+        raise ScenarioError(f"{label}: model.kind: {err}") from None
+    model_opts = _validate_options(model_spec.Options, scn.model.options, label, "model")
+    problem = model_spec.check(model_opts, shape)
+    if problem:
+        raise ScenarioError(f"{label}: model.kind: {problem}")
+
+    try:
+        learner_cls = LEARNERS.resolve(scn.learner.kind)
+    except PluginError as err:
+        raise ScenarioError(f"{label}: learner.kind: {err}") from None
+    _validate_options(learner_cls.Options, scn.learner.options, label, "learner")
+
+    if scn.data.partition.kind == "pathological" and scn.data.partition.classes_per_client > num_classes:
+        raise ScenarioError(
+            f"{label}: data.partition.classes_per_client: must be <= the {num_classes} classes"
+        )
+
+    try:
+        cls = resolve_strategy(scn.strategy.name, scn.base_dir)
+    except PluginError as err:
+        raise ScenarioError(f"{label}: strategy.name: {err}") from None
+    try:
+        inspect.signature(cls).bind_partial(**scn.strategy.params)
+    except TypeError as err:
+        raise ScenarioError(f"{label}: strategy.params: {err}") from None
+
+
+def _validate_options(options_cls: type[BaseModel], values: dict[str, Any], label: str, prefix: str) -> Any:
+    try:
+        return options_cls.model_validate(values)
+    except ValidationError as err:
+        raise ScenarioError(f"{label}: {prefix}.{_first_error(err, values)}") from None

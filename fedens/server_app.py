@@ -1,0 +1,158 @@
+"""The Flower ServerApp: runs the scenario's strategy and records every round.
+
+The strategy is any Flower ``Strategy``; it is started with Flower's own ``Strategy.start``
+loop over a ``FedensGrid`` (fixed reply order, byte counts, evaluation schedule) and with a
+centralised ``evaluate_fn`` that, after every round, evaluates the global model on the test and
+shifted sets and hands the round's rows to the recorder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedens.data import ServerData, load_server_data
+from fedens.grid import FedensGrid, RoundTraffic
+from fedens.learners import build_learner
+from fedens.learners.base import Learner, predict_dataset
+from fedens.metrics import classification_metrics, reliability_bins
+from fedens.payload import from_record, to_record
+from fedens.results import RunRecorder
+from fedens.scenario import Scenario
+from fedens.seeding import derive_seed
+from strategies import build_strategy, resolve_strategy
+
+log = logging.getLogger("fedens")
+
+RoundCallback = Callable[[int, list[dict[str, Any]]], None]
+METRIC_KEYS = ("accuracy", "nll", "ece", "brier")
+# For the worst client: lowest accuracy, highest NLL / ECE / Brier.
+WORST = {"accuracy": min, "nll": max, "ece": max, "brier": max}
+
+
+def evaluation_rounds(scn: Scenario) -> set[int]:
+    """Round 0, every ``evaluate.every``-th round, and the last round."""
+    return {r for r in range(scn.rounds + 1) if r % scn.evaluate.every == 0} | {scn.rounds}
+
+
+def make_server_app(scn: Scenario, recorder: RunRecorder, on_round: RoundCallback | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_strategy(scn, grid, recorder, on_round)
+
+    return app
+
+
+def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: RoundCallback | None = None) -> None:
+    """Discover the nodes, build the strategy and the initial model, and run all rounds."""
+    server_data = load_server_data(scn.data, scn.seed)
+    torch.manual_seed(derive_seed(scn.seed, 0))  # the initial global model
+    learner = build_learner(scn, server_data.input_shape, server_data.num_classes, torch.device("cpu"))
+
+    fgrid = FedensGrid(grid, scn.seed, evaluation_rounds(scn))
+    fgrid.discover(scn.data.num_clients)
+    has_val = scn.data.val_fraction > 0
+    defaults = {
+        "fraction_train": scn.fraction_train,
+        "fraction_evaluate": scn.fraction_evaluate if has_val else 0.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if has_val and scn.fraction_evaluate > 0 else 0,
+        "min_available_nodes": scn.data.num_clients,
+    }
+    strategy = build_strategy(resolve_strategy(scn.strategy.name, scn.base_dir), defaults, scn.strategy.params)
+    evaluator = RoundEvaluator(scn, learner, server_data, fgrid, recorder, on_round)
+    strategy.start(
+        grid=fgrid,
+        initial_arrays=to_record(learner.get_arrays()),
+        num_rounds=scn.rounds,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluator,
+    )
+
+
+class RoundEvaluator:
+    """``evaluate_fn`` for ``Strategy.start``: called with round 0 before training and after
+    every round; evaluates the global model when scheduled and writes the round's rows."""
+
+    def __init__(
+        self,
+        scn: Scenario,
+        learner: Learner,
+        data: ServerData,
+        grid: FedensGrid,
+        recorder: RunRecorder,
+        on_round: RoundCallback | None,
+    ) -> None:
+        self.scn, self.learner, self.data, self.grid = scn, learner, data, grid
+        self.recorder, self.on_round = recorder, on_round
+        self.rounds = evaluation_rounds(scn)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        traffic = self.grid.take_traffic()
+        now = round(time.time() - self.recorder.started, 3)
+        rows: list[dict[str, Any]] = []
+        if server_round > 0:
+            rows.append({"round": server_round, "scope": "train", "time_s": now, **train_row(traffic)})
+            if traffic.evaluate:
+                rows.append({"round": server_round, "scope": "clients", "time_s": now, **clients_row(traffic)})
+        result = None
+        if server_round in self.rounds:
+            named = from_record(arrays)
+            self.learner.set_arrays(named)
+            test = self.evaluate_set("global-test", server_round, now, final=server_round == self.scn.rounds)
+            rows += [test, self.evaluate_set("global-shift", server_round, now)]
+            if self.scn.output.checkpoint:
+                self.recorder.save_checkpoint(named, server_round)
+            result = MetricRecord({k: test[k] for k in METRIC_KEYS})
+        self.recorder.write_rows(rows)
+        log.info("round %d: %s", server_round, rows)
+        if self.on_round is not None:
+            self.on_round(server_round, rows)
+        self.grid.begin_round(server_round + 1)
+        return result
+
+    def evaluate_set(self, scope: str, server_round: int, now: float, final: bool = False) -> dict[str, Any]:
+        ds = self.data.test if scope == "global-test" else self.data.shift
+        member_probs = predict_dataset(self.learner, ds, self.scn.evaluate.batch_size)  # (members, n, classes)
+        probs, labels = member_probs.mean(0), torch.from_numpy(ds.y)
+        metrics = classification_metrics(probs, labels, self.scn.evaluate.n_bins)
+        if final:
+            self.recorder.reliability = {**reliability_bins(probs, labels, self.scn.evaluate.n_bins), "ece": metrics["ece"]}
+        return {"round": server_round, "scope": scope, "time_s": now, **metrics, "num_examples": len(ds)}
+
+
+def train_row(traffic: RoundTraffic) -> dict[str, Any]:
+    """Example-weighted mean training loss, participation and bytes of one round."""
+    replies = list(traffic.train.values())
+    n = [float(m.get("num-examples", 0)) for m in replies]
+    loss = [float(m.get("train_loss", np.nan)) for m in replies]
+    total = sum(n)
+    return {
+        "train_loss": float(np.dot(n, loss) / total) if total > 0 else None,
+        "clients_trained": len(replies),
+        "failures": len(traffic.failures),
+        "bytes_sent": traffic.bytes_sent,
+        "bytes_received": traffic.bytes_received,
+    }
+
+
+def clients_row(traffic: RoundTraffic) -> dict[str, Any]:
+    """Federated evaluation on the clients' own validation splits: the plain mean over clients
+    (each client counts once, however much data it holds) and the worst client."""
+    replies = [m for m in traffic.evaluate.values() if m.get("num-examples", 0) > 0]
+    row: dict[str, Any] = {"num_clients": len(replies)}
+    for key in METRIC_KEYS:
+        values = [float(m[key]) for m in replies]
+        row[key] = float(np.mean(values)) if values else None
+        row[f"{key}_worst"] = WORST[key](values) if values else None
+    return row

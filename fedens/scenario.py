@@ -310,8 +310,10 @@ def check_references(scn: Scenario) -> None:
     except PluginError as err:
         raise ScenarioError(f"{label}: data.dataset: {err}") from None
     ds_opts = _validate_options(ds.Options, scn.data.params, label, "data.params")
-    shape = ds.input_shape(ds_opts)
-    num_classes = ds.num_classes(ds_opts)
+    try:  # cheap look-ups (e.g. the class folders of image_folder), no data is loaded
+        shape, num_classes = ds.input_shape(ds_opts), ds.num_classes(ds_opts)
+    except ValueError as err:
+        raise ScenarioError(f"{label}: {err}") from None
 
     try:
         model_spec = MODELS.get(scn.model.kind)

@@ -1,0 +1,67 @@
+"""Metrics against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedens.metrics import brier, classification_metrics, nll, reliability_bins
+
+# Four examples, three classes. Top-1: 0.7 (right), 0.5 (wrong), 0.8 (right), 0.4 (wrong).
+PROBS = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]], dtype=torch.float64)
+LABELS = torch.tensor([0, 0, 2, 1])
+
+
+def test_accuracy_nll_brier_by_hand():
+    m = classification_metrics(PROBS, LABELS)
+    assert m["accuracy"] == pytest.approx(0.5)
+    # NLL = -(ln .7 + ln .4 + ln .8 + ln .3) / 4
+    assert m["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.4) + math.log(0.8) + math.log(0.3)) / 4)
+    assert m["nll"] == pytest.approx(0.6750205, abs=1e-6)
+    # Brier rows: .09+.04+.01, .36+.25+.01, .01+.01+.04, .09+.49+.16 -> mean 1.56/4
+    assert m["brier"] == pytest.approx(0.39)
+    assert nll(PROBS, LABELS) == m["nll"] and brier(PROBS, LABELS) == m["brier"]
+
+
+def test_ece_ten_bins_by_hand():
+    # each example alone in its bin: (|1-.7| + |0-.5| + |1-.8| + |0-.4|) / 4
+    assert classification_metrics(PROBS, LABELS, n_bins=10)["ece"] == pytest.approx(0.35)
+
+
+def test_ece_two_bins_by_hand():
+    # bin [0, .5): conf .4, wrong -> gap .4 weight 1/4; bin [.5, 1]: confs .7 .5 .8 (mean 2/3), acc 2/3 -> gap 0
+    assert classification_metrics(PROBS, LABELS, n_bins=2)["ece"] == pytest.approx(0.1)
+
+
+def test_perfect_and_uniform_predictions():
+    onehot = torch.eye(3, dtype=torch.float64)
+    m = classification_metrics(onehot, torch.tensor([0, 1, 2]))
+    assert m["accuracy"] == 1 and m["nll"] == pytest.approx(0, abs=1e-9) and m["ece"] == pytest.approx(0) and m["brier"] == 0
+    uniform = torch.full((4, 4), 0.25, dtype=torch.float64)
+    m = classification_metrics(uniform, torch.tensor([0, 1, 2, 3]))
+    assert m["nll"] == pytest.approx(math.log(4))
+    assert m["brier"] == pytest.approx(0.75)  # 3 * 0.25^2 + 0.75^2
+
+
+def test_nll_of_certain_mistake_is_large_but_finite():
+    assert nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1])) == pytest.approx(-math.log(1e-12))
+
+
+def test_reliability_bins_give_the_same_ece():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(500, 5, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 5, (500,), generator=g)
+    bins = reliability_bins(probs, labels, 10)
+    n = sum(bins["count"])
+    ece = sum(c / n * abs(a - f) for c, a, f in zip(bins["count"], bins["accuracy"], bins["confidence"]))
+    assert n == 500
+    assert ece == pytest.approx(classification_metrics(probs, labels, 10)["ece"], abs=1e-6)  # torchmetrics works in float32
+
+
+def test_reliability_bins_by_hand():
+    bins = reliability_bins(PROBS, LABELS, 2)
+    assert bins["count"] == [1, 3]
+    assert bins["accuracy"] == pytest.approx([0, 2 / 3])
+    assert bins["confidence"] == pytest.approx([0.4, 2 / 3])

@@ -1,0 +1,81 @@
+"""The registry and the plug-in loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedens.registry import PluginError, Registry, load_object
+from strategies import STRATEGIES, build_strategy, resolve_strategy
+from tests.conftest import ROOT
+
+
+def test_register_get_and_unknown_name_lists_known():
+    reg: Registry[int] = Registry("thing")
+    reg.add("b", 2)
+
+    @reg.register("a")
+    def a() -> int:
+        return 1
+
+    assert reg.names() == ["a", "b"] and reg.get("b") == 2 and "a" in reg
+    with pytest.raises(PluginError, match=r"unknown thing 'c' \(known: a, b\)"):
+        reg.get("c")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add("b", 3)
+
+
+def test_load_object_from_module_and_file(tmp_path: Path):
+    assert load_object("flwr.serverapp.strategy:FedAvg") is FedAvg
+    (tmp_path / "plug.py").write_text("VALUE = 41 + 1\n", encoding="utf-8")
+    assert load_object(f"{tmp_path / 'plug.py'}:VALUE") == 42
+    assert load_object("plug.py:VALUE", base_dir=tmp_path) == 42
+    # the same file gives the same module object (so classes compare equal)
+    assert load_object("plug.py:VALUE", base_dir=tmp_path) == 42
+
+
+@pytest.mark.parametrize(
+    "ref,fragment",
+    [
+        ("no_colon", "is not of the form"),
+        ("no.such.module:X", "cannot import module 'no.such.module'"),
+        ("json:nope", "has no attribute 'nope'"),
+        ("missing.py:X", "plug-in file 'missing.py' not found"),
+    ],
+)
+def test_load_object_errors_are_one_line(ref: str, fragment: str):
+    with pytest.raises(PluginError) as info:
+        load_object(ref)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plugin_file_with_an_error_is_one_line(tmp_path: Path):
+    (tmp_path / "broken.py").write_text("import no_such_dependency_xyz\n", encoding="utf-8")
+    with pytest.raises(PluginError, match="error while importing 'broken.py': ModuleNotFoundError"):
+        load_object("broken.py:X", base_dir=tmp_path)
+
+
+def test_resolve_strategy_by_name_module_and_path():
+    assert resolve_strategy("fedavg") is FedAvg
+    assert {"fedavg", "fedadam", "fedyogi", "fedmedian", "krum"} <= set(STRATEGIES.names())
+    assert resolve_strategy("flwr.serverapp.strategy:FedAdam").__name__ == "FedAdam"
+    cls = resolve_strategy("examples/custom_strategy.py:DampedFedAvg", ROOT)
+    assert issubclass(cls, Strategy) and cls.__name__ == "DampedFedAvg"
+
+
+def test_resolve_strategy_rejects_non_strategies(tmp_path: Path):
+    (tmp_path / "s.py").write_text(
+        "from flwr.serverapp.strategy import Strategy\nclass Half(Strategy):\n    pass\nclass NotOne:\n    pass\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(PluginError, match="is not a subclass"):
+        resolve_strategy("s.py:NotOne", tmp_path)
+    with pytest.raises(PluginError, match="is abstract"):
+        resolve_strategy("s.py:Half", tmp_path)
+
+
+def test_build_strategy_passes_defaults_it_accepts_and_params_win():
+    s = build_strategy(FedAvg, {"fraction_train": 0.5, "min_available_nodes": 7, "not_a_kwarg": 1}, {"fraction_train": 0.3})
+    assert s.fraction_train == 0.3 and s.min_available_nodes == 7

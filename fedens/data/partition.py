@@ -49,7 +49,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionCon
         raise ValueError(f"data.num_clients: {num_partitions} clients but only {n} training examples")
     # Shuffled rows: IidPartitioner takes contiguous shards, and the shuffle makes which
     # examples of a class a client gets depend on the seed for every kind.
-    order = np.arange(n)
+    order = np.random.default_rng(seed).permutation(n)
     partitioner = PARTITIONERS[cfg.kind](P, cfg, num_partitions, seed)
     partitioner.dataset = Dataset.from_dict({"idx": order, "label": labels[order]})
     try:

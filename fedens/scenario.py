@@ -197,8 +197,7 @@ def load_scenario(
         scn = Scenario.model_validate({**raw, "source": label})
     except ValidationError as err:
         raise ScenarioError(f"{label}: {_first_error(err, raw)}") from None
-    check_references(scn)
-    return scn
+    return check_references(scn)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -296,9 +295,13 @@ def _key_path(raw: Any, loc: tuple[Any, ...]) -> str:
 # --------------------------------------------------------------------------- references
 
 
-def check_references(scn: Scenario) -> None:
+def check_references(scn: Scenario) -> Scenario:
     """Check every name the scenario refers to (dataset, model, learner, strategy) resolves,
-    and that their options are valid. Imports the registries lazily."""
+    and that their options are valid. Imports the registries lazily.
+
+    Returns the scenario with relative file paths (dataset folders, plug-in files) made
+    absolute against the scenario's folder, so they mean the same in every process and in the
+    resolved ``scenario.yaml`` of the run folder."""
     from fedens.data import DATASETS
     from fedens.learners import LEARNERS
     from fedens.models import MODELS
@@ -309,7 +312,9 @@ def check_references(scn: Scenario) -> None:
         ds = DATASETS.get(scn.data.dataset)
     except PluginError as err:
         raise ScenarioError(f"{label}: data.dataset: {err}") from None
-    ds_opts = _validate_options(ds.Options, scn.data.params, label, "data.params")
+    params = {k: _absolute(v, scn.base_dir) if k in getattr(ds.Options, "path_fields", ()) else v
+              for k, v in scn.data.params.items()}
+    ds_opts = _validate_options(ds.Options, params, label, "data.params")
     try:  # cheap look-ups (e.g. the class folders of image_folder), no data is loaded
         shape, num_classes = ds.input_shape(ds_opts), ds.num_classes(ds_opts)
     except ValueError as err:
@@ -343,6 +348,24 @@ def check_references(scn: Scenario) -> None:
         inspect.signature(cls).bind_partial(**scn.strategy.params)
     except TypeError as err:
         raise ScenarioError(f"{label}: strategy.params: {err}") from None
+
+    module_ref, _, attr = scn.strategy.name.rpartition(":")
+    strategy_name = f"{_absolute(module_ref, scn.base_dir)}:{attr}" if module_ref.endswith(".py") else scn.strategy.name
+    return scn.model_copy(update={
+        "data": scn.data.model_copy(update={"params": params}),
+        "strategy": scn.strategy.model_copy(update={"name": strategy_name}),
+    })
+
+
+def _absolute(path: Any, base_dir: Path | None) -> Any:
+    """``path`` made absolute against ``base_dir`` (or the working directory) if it exists
+    there; anything else is returned unchanged, for the option's own check to report."""
+    if not isinstance(path, str) or Path(path).is_absolute():
+        return path
+    for base in ([base_dir] if base_dir is not None else []) + [Path.cwd()]:
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return path
 
 
 def _validate_options(options_cls: type[BaseModel], values: dict[str, Any], label: str, prefix: str) -> Any:

@@ -131,4 +131,16 @@ def test_plugin_strategy_resolves_relative_to_scenario(tmp_path: Path):
     )
     path = tmp_path / "s.yaml"
     path.write_text("strategy: {name: my.py:Mine}\n", encoding="utf-8")
-    assert load_scenario(path).strategy.name == "my.py:Mine"
+    # made absolute, so the resolved scenario.yaml in a run folder still finds it
+    assert load_scenario(path).strategy.name == f"{(tmp_path / 'my.py').resolve()}:Mine"
+
+
+def test_relative_dataset_folder_is_made_absolute(tmp_path: Path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "imgs" / cls / "0.png")
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {dataset: image_folder, num_clients: 1, params: {root: imgs, image_size: 8}}\n", encoding="utf-8")
+    assert load_scenario(path).data.params["root"] == str((tmp_path / "imgs").resolve())

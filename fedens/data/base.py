@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +43,9 @@ class DatasetOptions(BaseModel):
     """Base for a dataset's options: frozen, and any unknown key is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Options that are file-system paths: the scenario loader makes them absolute (relative to
+    # the scenario file's folder), because Ray actors do not run in the user's working directory.
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
 
 @dataclass(frozen=True)

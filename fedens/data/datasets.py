@@ -96,6 +96,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 class ImageFolderOptions(DatasetOptions):
     """A torchvision-style tree ``root/<class name>/**/*.png`` (also jpg, jpeg, bmp, gif)."""
 
+    path_fields = ("root",)
     root: str
     image_size: int = Field(28, ge=1, description="images are resized to image_size x image_size")
     grayscale: bool = Field(True, description="1 channel; False gives 3 (RGB)")
@@ -143,6 +144,7 @@ DATASETS.add(
 class HfDiskOptions(DatasetOptions):
     """A Hugging Face dataset saved with ``Dataset.save_to_disk`` (read locally, never the hub)."""
 
+    path_fields = ("path",)
     path: str
     image_key: str = "image"
     label_key: str = "label"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedens.scenario import Scenario, load_scenario
+from fedens.scenario import Scenario, ScenarioError, load_scenario
 
 
 class RunFailed(RuntimeError):
@@ -44,6 +44,19 @@ def load(
     return load_scenario(source, overrides)
 
 
+def check_data(scn: Scenario) -> None:
+    """Build the scenario's federated data once in this process (it is cached, and the server
+    needs it anyway), so that a split that cannot be made, e.g. more clients than examples or a
+    Dirichlet draw that cannot meet ``min_partition_size``, is an invalid scenario reported
+    before Ray starts rather than a failure inside every actor."""
+    from fedens.data import build_federated_data
+
+    try:
+        build_federated_data(scn.data, scn.seed)
+    except ValueError as err:
+        raise ScenarioError(f"{scn.source}: {err}") from None
+
+
 def run(
     source: str | Path | Mapping[str, Any] | Scenario,
     overrides: Iterable[str] | Mapping[str, Any] = (),
@@ -62,6 +75,7 @@ def run(
     from fedens.simulate import run_engine
 
     scn = load(source, overrides)
+    check_data(scn)
     run_dir = make_run_dir(scn, out)
     recorder = RunRecorder(run_dir, scn)
     try:

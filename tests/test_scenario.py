@@ -118,6 +118,13 @@ def test_cli_validate(write_yaml):
     assert proc.returncode == 2 and "seed: should be greater than or equal to 0" in proc.stderr
 
 
+def test_impossible_split_is_invalid_before_anything_runs(write_yaml):
+    path = write_yaml("data: {num_clients: 2000}\n")
+    proc = subprocess.run([sys.executable, "-m", "fedens.cli", "validate", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert f"{path}: data.num_clients: 2000 clients but only" in proc.stderr
+
+
 def test_every_shipped_scenario_validates():
     files = sorted((ROOT / "scenarios").glob("*.yaml"))
     assert files, "no scenarios shipped"

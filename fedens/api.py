@@ -44,13 +44,27 @@ def load(
     return load_scenario(source, overrides)
 
 
-def check_data(scn: Scenario) -> None:
-    """Build the scenario's federated data once in this process (it is cached, and the server
-    needs it anyway), so that a split that cannot be made, e.g. more clients than examples or a
-    Dirichlet draw that cannot meet ``min_partition_size``, is an invalid scenario reported
-    before Ray starts rather than a failure inside every actor."""
+def preflight(scn: Scenario) -> None:
+    """Checks that need this machine or the data, made before Ray starts.
+
+    - Resources: Ray cannot place an actor that asks for more CPUs than it has, or for a GPU
+      when none is visible; the engine would wait for ever, so this is an invalid scenario.
+    - Data: the federated split is built once here (it is cached, and the server needs it
+      anyway), so a split that cannot be made, e.g. more clients than examples or a Dirichlet
+      draw that cannot meet ``min_partition_size``, is reported as an invalid scenario rather
+      than as a failure inside every actor.
+    """
+    import os
+
+    import torch
+
     from fedens.data import build_federated_data
 
+    cpus = scn.engine.ray_num_cpus or os.cpu_count() or 1
+    if scn.resources.num_cpus > cpus:
+        raise ScenarioError(f"{scn.source}: resources.num_cpus: {scn.resources.num_cpus} per client, but Ray has {cpus} CPUs")
+    if scn.resources.num_gpus > 0 and torch.cuda.device_count() == 0:
+        raise ScenarioError(f"{scn.source}: resources.num_gpus: {scn.resources.num_gpus} GPU per client, but no GPU is visible")
     try:
         build_federated_data(scn.data, scn.seed)
     except ValueError as err:
@@ -75,7 +89,7 @@ def run(
     from fedens.simulate import run_engine
 
     scn = load(source, overrides)
-    check_data(scn)
+    preflight(scn)
     run_dir = make_run_dir(scn, out)
     recorder = RunRecorder(run_dir, scn)
     try:

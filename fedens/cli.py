@@ -50,10 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fedens.api import check_data, load
+    from fedens.api import load, preflight
 
     scn = load(args.scenario, args.overrides)
-    check_data(scn)
+    preflight(scn)
     print(f"{args.scenario}: ok ({scn.name}: {scn.data.num_clients} clients, {scn.rounds} rounds, "
           f"learner {scn.learner.kind}, strategy {scn.strategy.name})")
     return EXIT_OK

@@ -44,7 +44,6 @@ class RoundTraffic:
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
 
 
 class FedensGrid(Grid):
@@ -122,18 +121,18 @@ class FedensGrid(Grid):
 
     def _incoming(self, replies: Iterable[Message]) -> list[Message]:
         replies = sorted(replies, key=lambda m: (self.partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
-        trained = 0
+        failed: list[str] = []
         for msg in replies:
             pid = self.partition_of.get(msg.metadata.src_node_id, -1)
             kind = msg.metadata.message_type.split(".")[0]
             if msg.has_error():
-                self.traffic.failures.append(f"{kind} partition {pid}: {msg.error.reason}")
+                failed.append(f"{kind} partition {pid}: {msg.error.reason}")
                 continue
             self.traffic.bytes_received += record_nbytes(msg.content)
-            metrics = {k: v for rec in msg.content.metric_records.values() for k, v in rec.items()}
             if kind in ("train", "evaluate"):
+                metrics = {k: v for rec in msg.content.metric_records.values() for k, v in rec.items()}
                 getattr(self.traffic, kind)[pid] = metrics
-                trained += kind == "train"
-        if replies and trained == 0 and all(m.metadata.message_type.startswith("train") for m in replies):
-            raise AllClientsFailed(f"round {self.round}: every client failed; first error: {self.traffic.failures[0]}")
+        self.traffic.failures += failed
+        if replies and len(failed) == len(replies) and all(m.metadata.message_type.startswith("train") for m in replies):
+            raise AllClientsFailed(f"round {self.round}: every client failed; first error: {failed[0]}")
         return replies

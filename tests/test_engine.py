@@ -1,0 +1,56 @@
+"""Engine wiring that must hold without starting Ray: telemetry, resources, device, grid order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedens.api import preflight
+from fedens.client_app import select_device
+from fedens.scenario import ScenarioError, load_scenario
+from fedens.simulate import backend_config, configure_engine
+
+
+def test_importing_fedens_turns_flower_telemetry_off_before_flower_reads_it():
+    code = "import fedens, flwr.supercore.telemetry as t; print(t.FLWR_TELEMETRY_ENABLED)"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "0", out.stderr
+
+
+def test_scenario_can_turn_telemetry_on_and_off():
+    import flwr.supercore.telemetry as t
+
+    try:
+        configure_engine(load_scenario({"engine": {"telemetry": True}}), verbose=False)
+        assert t.FLWR_TELEMETRY_ENABLED == "1" and os.environ["FLWR_TELEMETRY_ENABLED"] == "1"
+    finally:
+        configure_engine(load_scenario({}), verbose=False)
+    assert t.FLWR_TELEMETRY_ENABLED == "0" and os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_backend_config_carries_client_resources():
+    cfg = backend_config(load_scenario({"resources": {"num_cpus": 2, "num_gpus": 0.25}, "engine": {"ray_num_cpus": 2}}), False)
+    assert cfg["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
+    assert cfg["init_args"]["num_cpus"] == 2 and cfg["init_args"]["include_dashboard"] is False
+    assert cfg["init_args"]["log_to_driver"] is False
+
+
+def test_device_follows_the_gpu_share(monkeypatch):
+    assert select_device(0.0) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device(0.5) == torch.device("cuda")
+    assert select_device(0.0) == torch.device("cpu")
+
+
+def test_preflight_rejects_resources_this_machine_cannot_give(monkeypatch):
+    with pytest.raises(ScenarioError, match=r"resources.num_cpus: 3.0 per client, but Ray has 2 CPUs"):
+        preflight(load_scenario({"resources": {"num_cpus": 3}, "engine": {"ray_num_cpus": 2}}))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ScenarioError, match="resources.num_gpus: 0.5 GPU per client, but no GPU is visible"):
+        preflight(load_scenario({"resources": {"num_gpus": 0.5}}))

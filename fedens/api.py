@@ -71,6 +71,33 @@ def preflight(scn: Scenario) -> None:
         raise ScenarioError(f"{scn.source}: {err}") from None
 
 
+def prepare_learner(scn: Scenario, run_dir: Path) -> Scenario:
+    """Run the learner's one-off preparation (``Learner.prepare``) in this process and return
+    the scenario with the options it returned (e.g. a pretrained backbone's path)."""
+    import torch
+
+    from fedens.data import load_server_data
+    from fedens.learners import resolve_learner
+    from fedens.learners.base import Learner, PrepareContext
+    from fedens.models import build_model
+    from fedens.scenario import LearnerConfig
+    from fedens.seeding import derive_seed
+
+    cls = resolve_learner(scn.learner.kind, scn.base_dir)
+    if cls.prepare.__func__ is Learner.prepare.__func__:  # nothing to prepare
+        return scn
+    data = load_server_data(scn.data, scn.seed)
+
+    def model_fn(**overrides: Any):  # noqa: ANN202
+        return build_model(scn.model.kind, {**scn.model.options, **overrides}, data.input_shape, data.num_classes)
+
+    torch.manual_seed(derive_seed(scn.seed, 0, 1))
+    ctx = PrepareContext(model_fn, scn.train, data.public, run_dir, scn.seed, torch.device("cpu"))
+    options = cls.prepare(cls.Options.model_validate(scn.learner.options), ctx)
+    learner = LearnerConfig(kind=scn.learner.kind, **options.model_dump(mode="json"))
+    return scn.model_copy(update={"learner": learner})
+
+
 def run(
     source: str | Path | Mapping[str, Any] | Scenario,
     overrides: Iterable[str] | Mapping[str, Any] = (),
@@ -91,6 +118,7 @@ def run(
     scn = load(source, overrides)
     preflight(scn)
     run_dir = make_run_dir(scn, out)
+    scn = prepare_learner(scn, run_dir)
     recorder = RunRecorder(run_dir, scn)
     try:
         run_engine(make_server_app(scn, recorder, on_round), make_client_app(scn), scn, verbose)

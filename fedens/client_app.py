@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fedens.data import ClientData, load_client_data, load_server_data
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
-from fedens.metrics import classification_metrics
+from fedens.metrics import classification_metrics, ensemble_metrics
 from fedens.payload import from_record, single_arrayrecord, to_record
 from fedens.scenario import Scenario
 from fedens.seeding import seeded_generator
@@ -64,10 +64,13 @@ def make_client_app(scn: Scenario) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        _, client_data, learner = setup(msg, context)
+        pid, client_data, learner = setup(msg, context)
         data = client_data.val
-        probs = predict_dataset(learner, data, scn.evaluate.batch_size).mean(0)
-        metrics = classification_metrics(probs, torch.from_numpy(data.y), scn.evaluate.n_bins)
+        seeded_generator(scn.seed, message_round(msg), pid, 1)  # predictions may sample
+        member_probs = predict_dataset(learner, data, scn.evaluate.batch_size)  # (members, n, classes)
+        labels = torch.from_numpy(data.y)
+        metrics = classification_metrics(member_probs.mean(0), labels, scn.evaluate.n_bins)
+        metrics.update(ensemble_metrics(member_probs, labels))
         metrics["num-examples"] = len(data)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -44,6 +44,7 @@ class RoundTraffic:
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    per_client: dict[int, list[int]] = field(default_factory=dict)  # partition -> [bytes down, bytes up]
 
 
 class FedensGrid(Grid):
@@ -115,9 +116,14 @@ class FedensGrid(Grid):
             if kind == "evaluate" and self.round not in self.evaluate_rounds:
                 continue
             msg.content[ROUND_KEY] = ConfigRecord({"round": self.round})
-            self.traffic.bytes_sent += record_nbytes(msg.content)
+            nbytes = record_nbytes(msg.content)
+            self.traffic.bytes_sent += nbytes
+            self._client(msg.metadata.dst_node_id)[0] += nbytes
             out.append(msg)
         return out
+
+    def _client(self, node_id: int) -> list[int]:
+        return self.traffic.per_client.setdefault(self.partition_of.get(node_id, -1), [0, 0])
 
     def _incoming(self, replies: Iterable[Message]) -> list[Message]:
         replies = sorted(replies, key=lambda m: (self.partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
@@ -128,7 +134,9 @@ class FedensGrid(Grid):
             if msg.has_error():
                 failed.append(f"{kind} partition {pid}: {msg.error.reason}")
                 continue
-            self.traffic.bytes_received += record_nbytes(msg.content)
+            nbytes = record_nbytes(msg.content)
+            self.traffic.bytes_received += nbytes
+            self._client(msg.metadata.src_node_id)[1] += nbytes
             if kind in ("train", "evaluate"):
                 metrics = {k: v for rec in msg.content.metric_records.values() for k, v in rec.items()}
                 getattr(self.traffic, kind)[pid] = metrics

@@ -68,3 +68,49 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10
         "confidence": mean_conf.tolist(),
         "count": count.tolist(),
     }
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last axis: ``(..., classes) -> (...)``."""
+    return -(probs * torch.log(probs.clamp_min(EPS))).sum(-1)
+
+
+def ensemble_metrics(member_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Diversity and uncertainty of members' predictions ``(members, batch, classes)``.
+
+    - member_accuracy: mean over members of each member's own accuracy.
+    - disagreement: mean over members of the fraction of inputs where the member's top-1 differs
+      from the ensemble's (0 for a single network).
+    - entropy: mean predictive entropy ``H[mean_m p_m]`` (total uncertainty).
+    - mutual_information: mean ``H[mean_m p_m] - mean_m H[p_m]`` (the epistemic part; 0 for a
+      single network).
+    """
+    member_probs = member_probs.detach().double().cpu()
+    labels = labels.detach().long().cpu()
+    mean = member_probs.mean(0)
+    member_pred, ens_pred = member_probs.argmax(-1), mean.argmax(-1)
+    total = entropy(mean)
+    return {
+        "member_accuracy": float((member_pred == labels).double().mean()),
+        "disagreement": float((member_pred != ens_pred).double().mean()),
+        "entropy": float(total.mean()),
+        "mutual_information": float((total - entropy(member_probs).mean(0)).mean()),
+    }
+
+
+def uncertainty_scores(member_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input scores ``(batch,)`` that should be higher out of distribution."""
+    member_probs = member_probs.detach().double().cpu()
+    mean = member_probs.mean(0)
+    total = entropy(mean)
+    return {"entropy": total, "mutual_information": total - entropy(member_probs).mean(0), "max_prob": -mean.max(-1).values}
+
+
+def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
+    """AUROC of telling out-of-distribution inputs (positives) from in-distribution ones by a
+    score ``(n,)`` that is higher for OOD (torchmetrics ``binary_auroc``); 0.5 is chance."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    scores = torch.cat([score_in, score_out]).double()
+    target = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))]).long()
+    return float(binary_auroc(scores, target))

@@ -85,6 +85,9 @@ class DataConfig(_Strict):
     num_clients: int = Field(10, ge=1)
     partition: PartitionConfig = Field(default_factory=IidPartition)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out global test set")
+    server_fraction: float = Field(
+        0.0, ge=0, lt=1, description="of the non-test pool, a server-held public split (pretraining, distillation)"
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="of each client's partition")
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
 
@@ -303,7 +306,7 @@ def check_references(scn: Scenario) -> Scenario:
     absolute against the scenario's folder, so they mean the same in every process and in the
     resolved ``scenario.yaml`` of the run folder."""
     from fedens.data import DATASETS
-    from fedens.learners import LEARNERS
+    from fedens.learners import resolve_learner
     from fedens.models import MODELS
     from strategies import resolve_strategy
 
@@ -330,7 +333,7 @@ def check_references(scn: Scenario) -> Scenario:
         raise ScenarioError(f"{label}: model.kind: {problem}")
 
     try:
-        learner_cls = LEARNERS.resolve(scn.learner.kind)
+        learner_cls = resolve_learner(scn.learner.kind, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: learner.kind: {err}") from None
     _validate_options(learner_cls.Options, scn.learner.options, label, "learner")
@@ -349,12 +352,17 @@ def check_references(scn: Scenario) -> Scenario:
     except TypeError as err:
         raise ScenarioError(f"{label}: strategy.params: {err}") from None
 
-    module_ref, _, attr = scn.strategy.name.rpartition(":")
-    strategy_name = f"{_absolute(module_ref, scn.base_dir)}:{attr}" if module_ref.endswith(".py") else scn.strategy.name
     return scn.model_copy(update={
         "data": scn.data.model_copy(update={"params": params}),
-        "strategy": scn.strategy.model_copy(update={"name": strategy_name}),
+        "strategy": scn.strategy.model_copy(update={"name": _absolute_ref(scn.strategy.name, scn.base_dir)}),
+        "learner": scn.learner.model_copy(update={"kind": _absolute_ref(scn.learner.kind, scn.base_dir)}),
     })
+
+
+def _absolute_ref(ref: str, base_dir: Path | None) -> str:
+    """``file.py:Name`` with the file made absolute; other references unchanged."""
+    module_ref, _, attr = ref.rpartition(":")
+    return f"{_absolute(module_ref, base_dir)}:{attr}" if module_ref.endswith(".py") else ref
 
 
 def _absolute(path: Any, base_dir: Path | None) -> Any:

@@ -22,7 +22,7 @@ from fedens.data import ServerData, load_server_data
 from fedens.grid import FedensGrid, RoundTraffic
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
-from fedens.metrics import classification_metrics, reliability_bins
+from fedens.metrics import classification_metrics, ensemble_metrics, ood_auroc, reliability_bins, uncertainty_scores
 from fedens.payload import from_record, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import Scenario
@@ -122,13 +122,24 @@ class RoundEvaluator:
         return result
 
     def evaluate_set(self, scope: str, server_round: int, now: float, final: bool = False) -> dict[str, Any]:
+        """Metrics of the global model on the test or the shifted set; on the test set also the
+        OOD AUROC against noise inputs, by predictive entropy and by mutual information."""
         ds = self.data.test if scope == "global-test" else self.data.shift
+        # Predictions may sample (MC dropout, posterior samples, roundings): seed them per round.
+        torch.manual_seed(derive_seed(self.scn.seed, server_round, 2**32 + (scope == "global-shift")))
         member_probs = predict_dataset(self.learner, ds, self.scn.evaluate.batch_size)  # (members, n, classes)
         probs, labels = member_probs.mean(0), torch.from_numpy(ds.y)
         metrics = classification_metrics(probs, labels, self.scn.evaluate.n_bins)
+        metrics.update(ensemble_metrics(member_probs, labels))
+        if scope == "global-test":
+            scores_in = uncertainty_scores(member_probs)
+            scores_out = uncertainty_scores(predict_dataset(self.learner, self.data.ood, self.scn.evaluate.batch_size))
+            metrics["ood_auroc"] = ood_auroc(scores_in["entropy"], scores_out["entropy"])
+            metrics["ood_auroc_mi"] = ood_auroc(scores_in["mutual_information"], scores_out["mutual_information"])
         if final:
             self.recorder.reliability = {**reliability_bins(probs, labels, self.scn.evaluate.n_bins), "ece": metrics["ece"]}
-        return {"round": server_round, "scope": scope, "time_s": now, **metrics, "num_examples": len(ds)}
+        return {"round": server_round, "scope": scope, "time_s": now, **metrics, "num_examples": len(ds),
+                "members": member_probs.shape[0]}
 
 
 def train_row(traffic: RoundTraffic) -> dict[str, Any]:
@@ -137,12 +148,16 @@ def train_row(traffic: RoundTraffic) -> dict[str, Any]:
     n = [float(m.get("num-examples", 0)) for m in replies]
     loss = [float(m.get("train_loss", np.nan)) for m in replies]
     total = sum(n)
+    clients = max(len(traffic.per_client), 1)
     return {
         "train_loss": float(np.dot(n, loss) / total) if total > 0 else None,
         "clients_trained": len(replies),
         "failures": len(traffic.failures),
         "bytes_sent": traffic.bytes_sent,
         "bytes_received": traffic.bytes_received,
+        # per client that took part in the round: mean bytes it received from / sent to the server
+        "client_bytes_down": sum(d for d, _ in traffic.per_client.values()) / clients,
+        "client_bytes_up": sum(u for _, u in traffic.per_client.values()) / clients,
     }
 
 
@@ -151,6 +166,9 @@ def clients_row(traffic: RoundTraffic) -> dict[str, Any]:
     (each client counts once, however much data it holds) and the worst client."""
     replies = [m for m in traffic.evaluate.values() if m.get("num-examples", 0) > 0]
     row: dict[str, Any] = {"num_clients": len(replies)}
+    for key in ("member_accuracy", "disagreement", "entropy", "mutual_information"):
+        values = [float(m[key]) for m in replies if key in m]
+        row[key] = float(np.mean(values)) if values else None
     for key in METRIC_KEYS:
         values = [float(m[key]) for m in replies]
         row[key] = float(np.mean(values)) if values else None

@@ -3,7 +3,9 @@
 ``build_federated_data`` does, given ``DataConfig`` and a seed:
   1. load the whole dataset from the registry (raw scale);
   2. hold out a stratified global test set (``test_fraction``);
-  3. partition the rest over ``num_clients`` clients (``data.partition``);
+  3. if ``server_fraction`` > 0, hold out a stratified server-held public split of the rest
+     (for learners that pretrain before federation and strategies that distil on the server);
+     partition what remains over ``num_clients`` clients (``data.partition``);
   4. split each client's share into train and validation (``val_fraction``, stratified);
   5. standardise every input with per-channel mean/std of the non-test pool;
   6. make the shifted test set (``data.shift.severity``).
@@ -34,13 +36,18 @@ class ClientData:
 
 @dataclass(frozen=True)
 class ServerData:
-    """The global held-out ``test`` set, its covariate-shifted copy ``shift`` (same labels), and
-    the facts a model needs: ``num_classes`` and ``input_shape`` (one input, without batch axis)."""
+    """The global held-out ``test`` set, its covariate-shifted copy ``shift`` (same labels), the
+    server-held ``public`` split (labelled; empty unless ``server_fraction`` > 0; a strategy that
+    treats it as unlabelled ignores ``y``), ``ood`` noise inputs for the out-of-distribution
+    AUROC, and the facts a model needs: ``num_classes`` and
+    ``input_shape`` (one input, without batch axis)."""
 
     test: ArrayDataset
     shift: ArrayDataset
     num_classes: int
     input_shape: tuple[int, ...]
+    public: ArrayDataset
+    ood: ArrayDataset
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,11 @@ def _build(cfg: DataConfig, seed: int) -> FederatedData:
     x = ((full.x - mean) / std).astype(np.float32)
     data = ArrayDataset(x, full.y)
 
+    public = pool[:0]
+    if cfg.server_fraction > 0:
+        keep, held = stratified_split(full.y[pool], cfg.server_fraction, np.random.default_rng([seed, 2]))
+        pool, public = pool[keep], pool[held]
+
     clients = []
     for i, part in enumerate(partition_indices(full.y[pool], cfg.num_clients, cfg.partition, seed)):
         idx = pool[part]
@@ -106,7 +118,11 @@ def _build(cfg: DataConfig, seed: int) -> FederatedData:
         clients.append(ClientData(train=_take(data, idx[tr]), val=_take(data, idx[va])))
 
     test_ds = _take(data, test)
-    server = ServerData(test_ds, shift_dataset(test_ds, cfg.shift.severity, seed), num_classes, shape)
+    # Out-of-distribution inputs for the OOD AUROC: standard-normal noise in the standardised
+    # input space, as many as the test set. Their labels are meaningless (all 0).
+    noise = np.random.default_rng([seed, 3]).standard_normal((len(test_ds), *shape)).astype(np.float32)
+    ood = ArrayDataset(noise, np.zeros(len(test_ds), np.int64))
+    server = ServerData(test_ds, shift_dataset(test_ds, cfg.shift.severity, seed), num_classes, shape, _take(data, public), ood)
     return FederatedData(server, tuple(clients))
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,13 +33,35 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class PrepareContext:
+    """What ``Learner.prepare`` gets, in the driver process before federation starts.
+
+    public : the server-held labelled split (``data.server_fraction``; may be empty).
+    run_dir : the run folder, where prepared files (a pretrained backbone, masks) are written.
+    """
+
+    model_fn: Callable[..., nn.Module]
+    train: TrainConfig
+    public: ArrayDataset
+    run_dir: Path
+    seed: int
+    device: torch.device
+
+
 class Learner(ABC):
     """Base class of all learners.
+
+    Randomness: training draws from the ``generator`` passed to ``fit`` and from torch's global
+    RNG, both seeded by the caller from (seed, round, partition id); ``predict_proba`` may draw
+    from the global RNG (MC samples, dropout masks, roundings), which callers seed before every
+    evaluation, so evaluations are reproducible too.
 
     Parameters
     ----------
     model_fn : builds a fresh network mapping ``(batch, *input_shape)`` to logits
-        ``(batch, classes)``; learners call it once per member.
+        ``(batch, classes)``; keyword arguments override the scenario's model options (e.g.
+        ``dropout=0.1``). Learners call it once per member, or once for a shared body.
     options : the learner's validated ``Options`` (the scenario's ``learner:`` keys).
     train : the scenario's ``train:`` section (optimiser, learning rate, epochs, batch size).
     device : where parameters and batches live; nothing in a learner assumes CPU.
@@ -49,6 +73,14 @@ class Learner(ABC):
         self.options = options
         self.train_cfg = train
         self.device = device
+
+    @classmethod
+    def prepare(cls, options: Any, ctx: PrepareContext) -> Any:
+        """Work done once, before federation, in the driver (e.g. pretrain a backbone on the
+        public split and save it under ``ctx.run_dir``). Returns the options that clients and
+        server will be built with (e.g. with the checkpoint's path filled in); they are written
+        to the run's ``scenario.yaml``. Default: nothing to do."""
+        return options
 
     @abstractmethod
     def fit(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:

@@ -8,6 +8,8 @@ logits ``(batch, num_classes)``.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,4 +36,6 @@ def build_model(kind: str, options: dict[str, Any], input_shape: tuple[int, ...]
     return spec.build(spec.Options.model_validate(options), tuple(input_shape), num_classes)
 
 
-from fedens.models import cnn as _cnn, mlp as _mlp  # noqa: E402,F401  (registrations)
+# Every module of this package registers its models; adding a model is adding a file.
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")

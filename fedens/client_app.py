@@ -55,9 +55,10 @@ def make_client_app(scn: Scenario) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         pid, client_data, learner = setup(msg, context)
         data = client_data.train
-        generator = seeded_generator(scn.seed, message_round(msg), pid)
+        server_round = message_round(msg)
+        generator = seeded_generator(scn.seed, server_round, pid)
         t0 = time.perf_counter()
-        metrics = learner.fit(data, generator)
+        metrics = learner.fit(data, generator, server_round)
         metrics.update({"num-examples": len(data), "train_time_s": time.perf_counter() - t0})
         content = RecordDict({"arrays": to_record(learner.get_arrays()), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)

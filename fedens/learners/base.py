@@ -83,8 +83,10 @@ class Learner(ABC):
         return options
 
     @abstractmethod
-    def fit(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
-        """Train on ``data`` for ``train.local_epochs``; return metrics, at least ``train_loss``."""
+    def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
+        """Train on ``data`` for ``train.local_epochs``; return metrics, at least ``train_loss``.
+
+        ``server_round`` (1-based) is for learners whose schedule spans rounds (snapshots)."""
 
     @abstractmethod
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ class SingleLearner(Learner):
         super().__init__(model_fn, options, train, device)
         self.model = model_fn().to(device)
 
-    def fit(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
+    def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
         self.model.train()
         opt = make_optimizer(self.model.parameters(), self.train_cfg)
         total, count = 0.0, 0

@@ -65,3 +65,42 @@ def test_reliability_bins_by_hand():
     assert bins["count"] == [1, 3]
     assert bins["accuracy"] == pytest.approx([0, 2 / 3])
     assert bins["confidence"] == pytest.approx([0.4, 2 / 3])
+
+
+# Two members, two inputs, two classes; labels [0, 1].
+#   member 0: [[.9, .1], [.6, .4]]  -> predicts 0, 0
+#   member 1: [[.5, .5], [.2, .8]]  -> predicts 0 (tie goes to the first class), 1
+#   mean:     [[.7, .3], [.4, .6]]  -> predicts 0, 1
+MEMBERS = torch.tensor([[[0.9, 0.1], [0.6, 0.4]], [[0.5, 0.5], [0.2, 0.8]]], dtype=torch.float64)
+
+
+def H(*p: float) -> float:
+    return -sum(q * math.log(q) for q in p)
+
+
+def test_ensemble_metrics_by_hand():
+    from fedens.metrics import ensemble_metrics
+
+    m = ensemble_metrics(MEMBERS, torch.tensor([0, 1]))
+    assert m["member_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["disagreement"] == pytest.approx(1 / 4)  # member 0 on input 1 only
+    total = (H(0.7, 0.3) + H(0.4, 0.6)) / 2
+    assert m["entropy"] == pytest.approx(total)
+    aleatoric = ((H(0.9, 0.1) + H(0.5, 0.5)) / 2 + (H(0.6, 0.4) + H(0.2, 0.8)) / 2) / 2
+    assert m["mutual_information"] == pytest.approx(total - aleatoric)
+
+
+def test_single_member_has_no_disagreement_or_mutual_information():
+    from fedens.metrics import ensemble_metrics
+
+    m = ensemble_metrics(MEMBERS[:1], torch.tensor([0, 1]))
+    assert m["disagreement"] == 0 and m["mutual_information"] == pytest.approx(0, abs=1e-12)
+
+
+def test_ood_auroc_by_hand():
+    from fedens.metrics import ood_auroc
+
+    # OOD scores all above in-distribution ones -> 1; all below -> 0; one swapped pair of 2x2 -> 3/4
+    assert ood_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.9])) == pytest.approx(1.0)
+    assert ood_auroc(torch.tensor([0.5, 0.9]), torch.tensor([0.1, 0.2])) == pytest.approx(0.0)
+    assert ood_auroc(torch.tensor([0.1, 0.6]), torch.tensor([0.5, 0.9])) == pytest.approx(0.75)

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a scenario without running it")
     val.add_argument("scenario")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmp = sub.add_parser("compare", help="run the variants of a comparison file; one table and one plot")
+    cmp.add_argument("comparison", help="comparison YAML (base scenario + variants)")
+    cmp.add_argument("--out", required=True, help="folder for the variants' runs and the comparison files")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key in every variant; repeatable")
+    cmp.add_argument("--verbose", action="store_true")
     sub.add_parser("list", help="registered datasets, models, learners and strategies")
     return parser
 
@@ -114,7 +120,20 @@ class _Progress:
         self.bar.update(self.task, completed=server_round, **({"description": desc} if desc else {}))
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedens.api import RunFailed
+    from fedens.compare import markdown_table, run_comparison
+
+    try:
+        table = run_comparison(args.comparison, args.out, args.overrides, args.verbose)
+    except RunFailed as err:
+        print(f"error: run failed: {err}\n  see {err.run_dir / 'run.log'}", file=sys.stderr)
+        return EXIT_FAILED
+    print(markdown_table(table) + f"\nresults: {args.out}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,19 @@ def convergence_figure(rows: Sequence[dict[str, Any]]) -> tuple[plt.Figure, Any]
     return fig, axes
 
 
+def comparison_figure(curves: dict[str, Sequence[dict[str, Any]]]) -> tuple[plt.Figure, Any]:
+    """Accuracy, NLL and ECE on the test set against round, one line per variant."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), constrained_layout=True)
+    for ax, (key, label) in zip(axes, METRICS):
+        for name, rows in curves.items():
+            ax.plot([r["round"] for r in rows], [r[key] for r in rows], "-", lw=1.4, label=name)
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig, axes
+
+
 def reliability_figure(bins: dict[str, Any], title: str = "final global model, test set") -> tuple[plt.Figure, Any]:
     """Reliability diagram (accuracy per confidence bin against the diagonal) above a
     histogram of confidences; ``bins`` as returned by ``fedens.metrics.reliability_bins``."""

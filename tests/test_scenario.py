@@ -126,10 +126,17 @@ def test_impossible_split_is_invalid_before_anything_runs(write_yaml):
 
 
 def test_every_shipped_scenario_validates():
+    import yaml
+
+    from fedens.compare import load_comparison
+
     files = sorted((ROOT / "scenarios").glob("*.yaml"))
     assert files, "no scenarios shipped"
     for f in files:
-        assert isinstance(load_scenario(f), Scenario)
+        if "variants" in yaml.safe_load(f.read_text()):
+            assert load_comparison(f)[1], f
+        else:
+            assert isinstance(load_scenario(f), Scenario), f
 
 
 def test_plugin_strategy_resolves_relative_to_scenario(tmp_path: Path):

@@ -1,0 +1,112 @@
+"""Comparisons: one base scenario, several named variants, one table and one plot.
+
+A comparison file::
+
+    name: compare_learners
+    base: quickstart.yaml                 # a scenario file, relative to this file
+    overrides: {rounds: 20}               # applied to every variant (dotted keys)
+    variants:                             # a mapping with a `kind` replaces the whole section
+      single: {}
+      deep_ensemble: {learner: {kind: deep_ensemble, members: 5}}
+      ivon: {learner.kind: ivon}
+
+Each variant runs as its own scenario (``base`` + ``overrides`` + the variant's dotted-key
+overrides) into ``OUT/<variant>/``; ``OUT`` gets ``comparison.md`` (a table of final metrics,
+bytes and wall time), ``comparison.json`` and ``comparison.png`` (accuracy, NLL and ECE against
+round, one line per variant). Every variant is validated before the first one runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedens.scenario import Scenario, ScenarioError, _first_error, _read_yaml, load_scenario
+
+COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc")
+
+
+class Comparison(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = "comparison"
+    base: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+
+
+def load_comparison(path: str | Path, extra: list[str] = ()) -> tuple[Comparison, dict[str, Scenario]]:
+    """The comparison and its validated variant scenarios, in file order."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{path}: a comparison must be a mapping")
+    try:
+        cmp = Comparison.model_validate(raw)
+    except ValidationError as err:
+        raise ScenarioError(f"{path}: {_first_error(err, raw)}") from None
+    base = path.parent / cmp.base
+    scenarios = {}
+    for name, variant in cmp.variants.items():
+        try:
+            scn = load_scenario(base, {**cmp.overrides, **_flatten(variant)})
+            scenarios[name] = load_scenario(scn, extra)
+        except ScenarioError as err:
+            raise ScenarioError(f"{path}: variants.{name}: {err}") from None
+    return cmp, scenarios
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested overrides as dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``.
+
+    A mapping with a ``kind`` (a model, learner or partition) or a ``params`` mapping replaces
+    the whole section, because another kind has other options."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value and "kind" not in value and not key.endswith("params"):
+            out.update(_flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), verbose: bool = False) -> list[dict[str, Any]]:
+    """Run every variant into ``out/<variant>`` and write the comparison files; returns the table."""
+    from fedens import plots
+    from fedens.api import run
+
+    cmp, scenarios = load_comparison(path, list(extra))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table, curves = [], {}
+    for name, scn in scenarios.items():
+        result = run(scn, out=out / name, verbose=verbose)
+        test = result.final.get("global-test", {})
+        train = result.scope("train")
+        table.append({
+            "variant": name,
+            **{k: test.get(k) for k in COLUMNS},
+            "shift_ece": result.final.get("global-shift", {}).get("ece"),
+            "client_bytes_per_round": sum(r["client_bytes_down"] + r["client_bytes_up"] for r in train) / max(len(train), 1),
+            "wall_time_s": result.summary["wall_time_s"],
+        })
+        curves[name] = result.scope("global-test")
+    (out / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    (out / "comparison.md").write_text(markdown_table(table), encoding="utf-8")
+    plots.save(plots.comparison_figure(curves)[0], out / "comparison.png")
+    return table
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Final metrics per variant as a Markdown table (bytes in kB per client and round)."""
+    head = "| variant | accuracy | NLL | ECE | Brier | OOD AUROC | shift ECE | kB/client/round | wall s |\n"
+    head += "|---|---|---|---|---|---|---|---|---|\n"
+    fmt = lambda v, p=4: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+    return head + "".join(
+        f"| {r['variant']} | {fmt(r['accuracy'])} | {fmt(r['nll'])} | {fmt(r['ece'])} | {fmt(r['brier'])} | "
+        f"{fmt(r['ood_auroc'], 3)} | {fmt(r['shift_ece'])} | {r['client_bytes_per_round'] / 1000:.1f} | {r['wall_time_s']:.1f} |\n"
+        for r in rows
+    )

@@ -79,3 +79,26 @@ def test_resolve_strategy_rejects_non_strategies(tmp_path: Path):
 def test_build_strategy_passes_defaults_it_accepts_and_params_win():
     s = build_strategy(FedAvg, {"fraction_train": 0.5, "min_available_nodes": 7, "not_a_kwarg": 1}, {"fraction_train": 0.3})
     assert s.fraction_train == 0.3 and s.min_available_nodes == 7
+
+
+def test_learner_plugin_by_path_builds_and_uses_its_options():
+    import torch
+
+    from fedens.learners import build_learner, resolve_learner
+    from fedens.scenario import load_scenario
+
+    scn = load_scenario({"learner": {"kind": "examples/custom_learner.py:TemperatureLearner", "temperature": 2.0}})
+    assert scn.learner.kind == f"{ROOT / 'examples/custom_learner.py'}:TemperatureLearner"  # made absolute
+    learner = build_learner(scn, (1, 8, 8), 10, torch.device("cpu"))
+    x = torch.randn(4, 1, 8, 8)
+    logits = learner.model(x)
+    assert torch.allclose(learner.predict_proba(x)[0], torch.softmax(logits / 2.0, -1))
+    with pytest.raises(PluginError, match="is not a concrete subclass"):
+        resolve_learner("examples/custom_strategy.py:DampedFedAvg", ROOT)
+
+
+def test_learner_plugin_options_are_validated():
+    from fedens.scenario import ScenarioError, load_scenario
+
+    with pytest.raises(ScenarioError, match="learner.temperature: should be greater than 0"):
+        load_scenario({"learner": {"kind": "examples/custom_learner.py:TemperatureLearner", "temperature": 0}})

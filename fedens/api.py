@@ -93,7 +93,10 @@ def prepare_learner(scn: Scenario, run_dir: Path) -> Scenario:
 
     torch.manual_seed(derive_seed(scn.seed, 0, 1))
     ctx = PrepareContext(model_fn, scn.train, data.public, run_dir, scn.seed, torch.device("cpu"))
-    options = cls.prepare(cls.Options.model_validate(scn.learner.options), ctx)
+    try:
+        options = cls.prepare(cls.Options.model_validate(scn.learner.options), ctx)
+    except ValueError as err:  # e.g. nothing to pretrain on: the scenario has to change
+        raise ScenarioError(f"{scn.source}: learner: {err}") from None
     learner = LearnerConfig(kind=scn.learner.kind, **options.model_dump(mode="json"))
     return scn.model_copy(update={"learner": learner})
 

@@ -315,8 +315,7 @@ def check_references(scn: Scenario) -> Scenario:
         ds = DATASETS.get(scn.data.dataset)
     except PluginError as err:
         raise ScenarioError(f"{label}: data.dataset: {err}") from None
-    params = {k: _absolute(v, scn.base_dir) if k in getattr(ds.Options, "path_fields", ()) else v
-              for k, v in scn.data.params.items()}
+    params = _absolute_paths(ds.Options, scn.data.params, scn.base_dir)
     ds_opts = _validate_options(ds.Options, params, label, "data.params")
     try:  # cheap look-ups (e.g. the class folders of image_folder), no data is loaded
         shape, num_classes = ds.input_shape(ds_opts), ds.num_classes(ds_opts)
@@ -336,7 +335,8 @@ def check_references(scn: Scenario) -> Scenario:
         learner_cls = resolve_learner(scn.learner.kind, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: learner.kind: {err}") from None
-    _validate_options(learner_cls.Options, scn.learner.options, label, "learner")
+    learner_options = _absolute_paths(learner_cls.Options, scn.learner.options, scn.base_dir)
+    _validate_options(learner_cls.Options, learner_options, label, "learner")
 
     if scn.data.partition.kind == "pathological" and scn.data.partition.classes_per_client > num_classes:
         raise ScenarioError(
@@ -355,8 +355,14 @@ def check_references(scn: Scenario) -> Scenario:
     return scn.model_copy(update={
         "data": scn.data.model_copy(update={"params": params}),
         "strategy": scn.strategy.model_copy(update={"name": _absolute_ref(scn.strategy.name, scn.base_dir)}),
-        "learner": scn.learner.model_copy(update={"kind": _absolute_ref(scn.learner.kind, scn.base_dir)}),
+        "learner": LearnerConfig(kind=_absolute_ref(scn.learner.kind, scn.base_dir), **learner_options),
     })
+
+
+def _absolute_paths(options_cls: type[BaseModel], values: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """``values`` with the options that ``options_cls.path_fields`` names made absolute."""
+    fields = getattr(options_cls, "path_fields", ())
+    return {k: _absolute(v, base_dir) if k in fields else v for k, v in values.items()}
 
 
 def _absolute_ref(ref: str, base_dir: Path | None) -> str:

@@ -28,7 +28,12 @@ from fedens.scenario import TrainConfig
 
 
 class NoOptions(BaseModel):
-    """A learner without options: any extra key under ``learner:`` is an error."""
+    """A learner without options: any extra key under ``learner:`` is an error.
+
+    A learner's ``Options`` is a frozen pydantic model like this one; options that are file
+    paths are listed in a ``path_fields`` class variable, and the scenario loader makes them
+    absolute (relative to the scenario file), because Ray actors run in another directory.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -33,7 +33,7 @@ class SingleLearner(Learner):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total, count = total + float(loss) * len(y), count + len(y)
+                total, count = total + loss.item() * len(y), count + len(y)
         return {"train_loss": total / max(count, 1)}
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ def test_learner_runs_through_the_engine(kind: str, tmp_path: Path):
         "name": f"e2e-{kind}",
         "rounds": 2,
         "data": {"dataset": "digits", "num_clients": 3, "server_fraction": 0.2},
-        "model": {"kind": "mlp", "hidden": [32], **extra.get("model", {})},
+        "model": extra.get("model", {"kind": "mlp", "hidden": [32]}),
         "learner": {"kind": kind, **extra.get("learner", {})},
         "train": {"local_epochs": 1},
     }

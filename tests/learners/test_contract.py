@@ -39,7 +39,7 @@ def scenario_for(kind: str, tmp_path: Path) -> Scenario:
     raw = {
         "seed": 1,
         "data": {"dataset": "digits", "num_clients": 3, "server_fraction": 0.2},
-        "model": {"kind": "mlp", "hidden": [32], **extra.get("model", {})},
+        "model": extra.get("model", {"kind": "mlp", "hidden": [32]}),
         "learner": {"kind": kind, **extra.get("learner", {})},
         "train": {"local_epochs": 2, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9},
     }

@@ -1,0 +1,123 @@
+"""``snapshot``: snapshot ensembles over a cyclic cosine learning rate, run over server rounds.
+
+Huang, Li, Pleiss, Liu, Hopcroft, Weinberger, "Snapshot Ensembles: Train 1, get M for free",
+ICLR 2017 (arXiv 1704.00109); the short-cycle variant is FGE (Garipov et al., NeurIPS 2018,
+arXiv 1802.10026). The learning rate follows α(t) = α0/2·(cos(π·mod(t−1, ⌈T/M⌉)/⌈T/M⌉) + 1);
+the model at the end of each cycle (small learning rate, a local minimum) is saved, and the
+predictive averages the saved models' softmaxes.
+
+Decisions
+- The trajectory runs over server ROUNDS, not local epochs: t is the round, the cycle is
+  ``cycle_rounds`` rounds, and a client's whole local training in round r uses
+  α(r) = lr/2·(cos(π·mod(r−1, cycle_rounds)/cycle_rounds) + 1), with ``lr`` from ``train:``.
+  Why: the model worth ensembling is the global one. Local cycles would save client models
+  fitted to one non-IID shard, a few epochs apart, and clients keep no state between rounds
+  anyway (every round builds a fresh learner from the global arrays). Over rounds, each
+  snapshot is the FedAvg model at a low-learning-rate point, and the restart to ``lr`` at the
+  next cycle's first round moves the global model to a new basin, as in the paper.
+- Slots: at the last round of cycle c (r % cycle_rounds == 0) each client copies its trained
+  weights into slot (c − 1) mod ``members`` after training, and sets that slot's flag to 1.
+  FedAvg averages slot k across clients like any array, so the averaged slot is exactly the
+  average of the clients' trained weights: the new global model at the end of the cycle. In the
+  other rounds every client returns the slots it received, and their average is that same
+  value. When there are more cycles than slots the oldest snapshot is overwritten.
+- Payload: the current weights under plain names, snapshot k as ``member.{k}.<name>``, and
+  ``member.{k}.filled`` (float32 ``(1,)``, 0 or 1; averaging keeps it 0 or 1, so prediction tests
+  ``> 0.5``). A round carries (members + 1) networks.
+- This relies on the strategy averaging every array with convex weights (FedAvg and its
+  weighted variants). A server optimiser (FedAdam, FedAvgM) would move slots and flags by a
+  pseudo-gradient; a strategy that combines ``member.*`` arrays as ensemble members would
+  treat the slots as members, which is what they are, but must keep ``member.{k}.filled``.
+- Prediction averages the filled slots only ``(filled, batch, classes)``; before the first
+  cycle ends it is the current model ``(1, batch, classes)``.
+- The optimiser is rebuilt every round (as in ``single``), so momentum does not carry across
+  the restart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.func import functional_call
+
+from fedens.data import ArrayDataset
+from fedens.learners import LEARNERS
+from fedens.learners.single import SingleLearner
+from fedens.scenario import TrainConfig
+
+
+class SnapshotOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    members: int = Field(5, ge=1, description="snapshot slots M; the oldest is overwritten after M cycles")
+    cycle_rounds: int = Field(4, ge=1, description="server rounds per cosine cycle, ⌈T/M⌉ in the paper")
+
+
+def cyclic_lr(t: int, lr0: float, cycle: int) -> float:
+    """α(t) = α0/2·(cos(π·mod(t−1, cycle)/cycle) + 1) for steps (here rounds) t = 1, 2, ...:
+    α0 at a cycle's first step, falling towards 0 at its last."""
+    return lr0 / 2 * (math.cos(math.pi * ((t - 1) % cycle) / cycle) + 1)
+
+
+@LEARNERS.register("snapshot")
+class SnapshotLearner(SingleLearner):
+    """The current network plus ``members`` snapshot slots; predictive over the filled slots."""
+
+    Options = SnapshotOptions
+
+    def __init__(
+        self, model_fn: Callable[[], nn.Module], options: SnapshotOptions, train: TrainConfig, device: torch.device
+    ) -> None:
+        super().__init__(model_fn, options, train, device)
+        self.base_train = train  # self.train_cfg is this with the round's learning rate
+        M = options.members
+        state = self.model.state_dict()
+        # slot k of tensor ``name`` is snapshots[name][k]: (M, *shape)
+        self.snapshots = {name: torch.zeros(M, *t.shape, dtype=t.dtype, device=device) for name, t in state.items()}
+        self.filled = torch.zeros(M, device=device)  # (M,), 1.0 where a slot holds a snapshot
+
+    def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
+        if server_round < 1:
+            raise ValueError(f"snapshot: server rounds start at 1, got {server_round}")
+        C = self.options.cycle_rounds
+        lr = cyclic_lr(server_round, self.base_train.lr, C)
+        self.train_cfg = self.base_train.model_copy(update={"lr": lr})
+        metrics = super().fit(data, generator, server_round)
+        if server_round % C == 0:  # end of a cycle: the trained weights become a snapshot
+            slot = (server_round // C - 1) % self.options.members
+            with torch.no_grad():
+                for name, t in self.model.state_dict().items():
+                    self.snapshots[name][slot].copy_(t)
+                self.filled[slot] = 1.0
+        return {**metrics, "lr": lr}
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (b, ...) -> (filled slots, b, classes)``, or ``(1, b, classes)`` from the current
+        model while no slot is filled."""
+        self.model.eval()
+        slots = (self.filled > 0.5).nonzero().flatten().tolist()
+        if not slots:
+            return F.softmax(self.model(x), dim=-1).unsqueeze(0)
+        snapshot = lambda k: {n: s[k] for n, s in self.snapshots.items()}  # noqa: E731
+        return torch.stack([F.softmax(functional_call(self.model, snapshot(k), (x,)), dim=-1) for k in slots])
+
+    def get_arrays(self) -> dict[str, np.ndarray]:
+        arrays = super().get_arrays()
+        for k in range(self.options.members):
+            arrays.update({f"member.{k}.{name}": s[k].cpu().numpy().copy() for name, s in self.snapshots.items()})
+            arrays[f"member.{k}.filled"] = self.filled[k : k + 1].cpu().numpy().astype(np.float32)
+        return arrays
+
+    def set_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        super().set_arrays(arrays)
+        with torch.no_grad():
+            for k in range(self.options.members):
+                for name, s in self.snapshots.items():
+                    s[k].copy_(torch.as_tensor(np.asarray(arrays[f"member.{k}.{name}"])))
+                self.filled[k] = float(np.asarray(arrays[f"member.{k}.filled"]).reshape(()))

@@ -351,6 +351,15 @@ def check_references(scn: Scenario) -> Scenario:
         inspect.signature(cls).bind_partial(**scn.strategy.params)
     except TypeError as err:
         raise ScenarioError(f"{label}: strategy.params: {err}") from None
+    supported = getattr(cls, "supported_learners", None)
+    if supported is not None:
+        from fedens.learners import LEARNERS
+
+        if not any(name in LEARNERS and issubclass(learner_cls, LEARNERS.get(name)) for name in supported):
+            raise ScenarioError(
+                f"{label}: learner.kind: strategy {scn.strategy.name!r} does not support learner "
+                f"{scn.learner.kind!r} (it supports: {', '.join(supported)})"
+            )
 
     return scn.model_copy(update={
         "data": scn.data.model_copy(update={"params": params}),

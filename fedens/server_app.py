@@ -69,6 +69,13 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
         "min_available_nodes": scn.data.num_clients,
     }
     strategy = build_strategy(resolve_strategy(scn.strategy.name, scn.base_dir), defaults, scn.strategy.params)
+    if hasattr(strategy, "bind"):  # fedens strategies that compute on the server
+        from strategies.base import ServerContext
+
+        def new_learner() -> Learner:
+            return build_learner(scn, server_data.input_shape, server_data.num_classes, torch.device("cpu"))
+
+        strategy.bind(ServerContext(scn, server_data, new_learner, scn.seed))
     evaluator = RoundEvaluator(scn, learner, server_data, fgrid, recorder, on_round)
     strategy.start(
         grid=fgrid,

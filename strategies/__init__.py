@@ -8,7 +8,9 @@ strategies run in any Flower app.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -39,4 +41,7 @@ def build_strategy(cls: type[Strategy], defaults: dict[str, Any], params: dict[s
     return cls(**kwargs)
 
 
-from strategies import flower as _flower  # noqa: E402,F401  (registrations)
+# Every module of this package registers its strategies; adding one is adding a file.
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")

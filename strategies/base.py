@@ -1,0 +1,119 @@
+"""``FedensStrategy``: Flower's FedAvg with the fedens payload handled, so that an algorithm file
+holds its math and little else.
+
+A subclass overrides ``aggregate_arrays``, which gets the clients' named arrays (as numpy, in
+partition-id order, errors already dropped) and their weights, and returns the new global
+arrays. Helpers split arrays by the naming rule of ``fedens.payload``: shared parts,
+``member.{k}.*``, ``mean.*`` / ``precision.*``.
+
+Two optional hooks:
+- ``bind(ctx)`` — called by the fedens ServerApp before the first round with a ``ServerContext``
+  (the scenario, the server's data, a learner factory), for strategies that compute on the
+  server (distillation, validation).
+- ``train_config(server_round)`` — extra values for the train messages' ConfigRecord (e.g. a
+  proximal coefficient the client-side objective reads).
+
+``supported_learners`` (``None`` = all) is checked when a scenario is validated: an unsupported
+learner/strategy pair is an invalid scenario.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedens.payload import from_record, to_record
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What a strategy may use on the server. ``new_learner()`` builds the scenario's learner
+    (CPU); ``data`` is ``fedens.data.ServerData`` (test, shift, public split, ...)."""
+
+    scenario: Any
+    data: Any
+    new_learner: Callable[[], Any]
+    seed: int
+
+
+class FedensStrategy(FedAvg):
+    supported_learners: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, **fedavg_kwargs: Any) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.global_arrays: Arrays | None = None  # the arrays this round's training started from
+        self.ctx: ServerContext | None = None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def bind(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        return {}
+
+    def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
+        """Default: the weighted average (FedAvg). ``weights`` ``(K,)`` sum to 1."""
+        return weighted_average(arrays, weights)
+
+    # ------------------------------------------------------------------ Flower plumbing
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.global_arrays = from_record(arrays)
+        for key, value in self.train_config(server_round).items():
+            config[key] = value
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        arrays = [from_record(next(iter(c.array_records.values()))) for c in contents]
+        n = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents])
+        new = self.aggregate_arrays(server_round, arrays, n / n.sum())
+        return to_record(new), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def weighted_average(arrays: list[Arrays], weights: np.ndarray) -> Arrays:
+    """``sum_k w_k a_k`` for every name (float64 accumulation, cast back to the input dtype)."""
+    out = {}
+    for name, first in arrays[0].items():
+        acc = sum(w * a[name].astype(np.float64) for a, w in zip(arrays, weights))
+        out[name] = np.asarray(acc).astype(first.dtype)
+    return out
+
+
+def split_posterior(arrays: Arrays) -> tuple[Arrays, Arrays, Arrays]:
+    """``(means, precisions, rest)``: ``mean.<n>`` and ``precision.<n>`` keyed by ``<n>``."""
+    means = {k[5:]: v for k, v in arrays.items() if k.startswith("mean.")}
+    precs = {k[10:]: v for k, v in arrays.items() if k.startswith("precision.")}
+    rest = {k: v for k, v in arrays.items() if not k.startswith(("mean.", "precision."))}
+    return means, precs, rest
+
+
+def join_posterior(means: Arrays, precisions: Arrays, rest: Arrays | None = None) -> Arrays:
+    """Inverse of ``split_posterior``."""
+    out = {f"mean.{k}": v for k, v in means.items()}
+    out.update({f"precision.{k}": v for k, v in precisions.items()})
+    out.update(rest or {})
+    return out
+
+
+def split_members(arrays: Arrays) -> tuple[dict[int, Arrays], Arrays]:
+    """``({k: {name: array}}, shared)`` from ``member.{k}.<name>`` and plain names."""
+    members: dict[int, Arrays] = {}
+    shared: Arrays = {}
+    for key, value in arrays.items():
+        if key.startswith("member."):
+            _, k, name = key.split(".", 2)
+            members.setdefault(int(k), {})[name] = value
+        else:
+            shared[key] = value
+    return members, shared

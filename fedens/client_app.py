@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,11 +19,13 @@ from fedens.data import ClientData, load_client_data, load_server_data
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
+from fedens.objectives import objective_from_config
 from fedens.payload import from_record, single_arrayrecord, to_record
 from fedens.scenario import Scenario
 from fedens.seeding import seeded_generator
 
 ROUND_KEY = "fedens"  # a ConfigRecord the fedens grid adds to every message: {"round": r}
+OBJECTIVE_STATE = "fedens.objective"  # the client's objective state (duals, ...) in context.state
 
 
 def select_device(num_gpus: float) -> torch.device:
@@ -41,31 +44,38 @@ def make_client_app(scn: Scenario) -> ClientApp:
     app = ClientApp()
     device = select_device(scn.resources.num_gpus)
 
-    def setup(msg: Message, context: Context) -> tuple[int, ClientData, Learner]:
+    def setup(msg: Message, context: Context) -> tuple[int, ClientData, Learner, dict[str, np.ndarray]]:
         # One actor per CPU share: keep torch from oversubscribing the cores.
         torch.set_num_threads(max(1, int(scn.resources.num_cpus)))
         pid = int(context.node_config["partition-id"])
         data = load_client_data(scn.data, scn.seed, pid)  # built once per actor, then cached
         facts = load_server_data(scn.data, scn.seed)  # same cached build
         learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
-        learner.set_arrays(from_record(single_arrayrecord(msg.content)))
-        return pid, data, learner
+        arrays = from_record(single_arrayrecord(msg.content))
+        learner.set_arrays(arrays)
+        return pid, data, learner, arrays
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        pid, client_data, learner = setup(msg, context)
+        pid, client_data, learner, global_arrays = setup(msg, context)
         data = client_data.train
         server_round = message_round(msg)
         generator = seeded_generator(scn.seed, server_round, pid)
+        # A strategy's client-side term (prox, duals, ...) with this client's persistent state.
+        config = msg.content.config_records.get("config", {})
+        state = context.state.array_records.get(OBJECTIVE_STATE)
+        learner.objective = objective_from_config(config, from_record(state) if state is not None else {}, global_arrays, device)
         t0 = time.perf_counter()
         metrics = learner.fit(data, generator, server_round)
+        if learner.objective is not None:
+            context.state[OBJECTIVE_STATE] = to_record(learner.objective.after_fit(learner.get_arrays()))
         metrics.update({"num-examples": len(data), "train_time_s": time.perf_counter() - t0})
         content = RecordDict({"arrays": to_record(learner.get_arrays()), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        pid, client_data, learner = setup(msg, context)
+        pid, client_data, learner, _ = setup(msg, context)
         data = client_data.val
         seeded_generator(scn.seed, message_round(msg), pid, 1)  # predictions may sample
         member_probs = predict_dataset(learner, data, scn.evaluate.batch_size)  # (members, n, classes)

@@ -78,6 +78,13 @@ class Learner(ABC):
         self.options = options
         self.train_cfg = train
         self.device = device
+        # A server strategy's client-side term (fedens.objectives), set by the ClientApp before
+        # ``fit``; learners that support it add ``objective_penalty`` to their loss.
+        self.objective: Any = None
+
+    def objective_penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | float:
+        """The strategy's term for ``params`` (by payload name), or 0 when there is none."""
+        return 0.0 if self.objective is None else self.objective.penalty(params)
 
     @classmethod
     def prepare(cls, options: Any, ctx: PrepareContext) -> Any:

@@ -30,8 +30,9 @@ class SingleLearner(Learner):
         for _ in range(self.train_cfg.local_epochs):
             for x, y in minibatches(data, self.train_cfg.batch_size, generator, self.device):
                 loss = F.cross_entropy(self.model(x), y)
+                total_loss = loss + self.objective_penalty(dict(self.model.named_parameters()))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                total_loss.backward()
                 opt.step()
                 total, count = total + loss.item() * len(y), count + len(y)
         return {"train_loss": total / max(count, 1)}

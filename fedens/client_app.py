@@ -64,7 +64,9 @@ def make_client_app(scn: Scenario) -> ClientApp:
         # A strategy's client-side term (prox, duals, ...) with this client's persistent state.
         config = msg.content.config_records.get("config", {})
         state = context.state.array_records.get(OBJECTIVE_STATE)
-        learner.objective = objective_from_config(config, from_record(state) if state is not None else {}, global_arrays, device)
+        learner.objective = objective_from_config(
+            config, from_record(state) if state is not None else {}, global_arrays, device, len(data)
+        )
         t0 = time.perf_counter()
         metrics = learner.fit(data, generator, server_round)
         if learner.objective is not None:
@@ -91,5 +93,28 @@ def make_client_app(scn: Scenario) -> ClientApp:
         data = load_client_data(scn.data, scn.seed, pid)
         facts = {"partition-id": pid, "num-train": len(data.train), "num-val": len(data.val)}
         return Message(content=RecordDict({"info": ConfigRecord(facts)}), reply_to=msg)
+
+    @app.query("validate")
+    def validate(msg: Message, context: Context) -> Message:
+        """Score other nodes' models on this node's validation split (the swarm strategy's
+        scoring step). The message holds one ArrayRecord per candidate (e.g. ``cand.3``); the
+        reply lists, per member of each candidate, ``<key>.accuracy``, ``<key>.nll`` and
+        ``<key>.confidence`` (mean max-probability). An empty split scores nothing."""
+        torch.set_num_threads(max(1, int(scn.resources.num_cpus)))
+        pid = int(context.node_config["partition-id"])
+        data = load_client_data(scn.data, scn.seed, pid).val
+        facts = load_server_data(scn.data, scn.seed)
+        learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+        labels = torch.from_numpy(data.y).long()
+        scores: dict[str, list[float]] = {}
+        for key, record in msg.content.array_records.items() if len(data) else []:
+            learner.set_arrays(from_record(record))
+            seeded_generator(scn.seed, message_round(msg), pid, 2)  # predictions may sample
+            probs = predict_dataset(learner, data, scn.evaluate.batch_size)  # (members, n, classes)
+            p_true = probs.gather(2, labels.expand(probs.shape[0], -1).unsqueeze(2)).squeeze(2)  # (members, n)
+            scores[f"{key}.accuracy"] = (probs.argmax(2) == labels).double().mean(1).tolist()
+            scores[f"{key}.nll"] = (-torch.log(p_true.double().clamp_min(1e-12))).mean(1).tolist()
+            scores[f"{key}.confidence"] = probs.max(2).values.double().mean(1).tolist()
+        return Message(content=RecordDict({"scores": MetricRecord(scores)}), reply_to=msg)
 
     return app

@@ -30,13 +30,17 @@ PREFIX = "objective."
 class Objective:
     """A term added to a client's loss. ``config`` holds the ``objective.*`` values the
     strategy sent (prefix removed); ``state`` the client's persistent arrays (empty at first);
-    ``global_arrays`` the arrays the round started from, by payload name."""
+    ``global_arrays`` the arrays the round started from, by payload name. Learners minimise the
+    *mean* loss over their N_k examples, so a term the paper adds to the summed loss
+    ``N_k l_k(w)`` is divided by N_k here."""
 
-    def __init__(self, config: Mapping[str, Any], state: Arrays, global_arrays: Arrays, device: torch.device) -> None:
+    def __init__(self, config: Mapping[str, Any], state: Arrays, global_arrays: Arrays, device: torch.device,
+                 num_examples: int = 1) -> None:
         self.config = dict(config)
         self.state = dict(state)
         self.device = device
         self.global_arrays = global_arrays
+        self.num_examples = num_examples  # N_k: terms written for a summed loss are divided by it
         self._tensors: dict[str, torch.Tensor] = {}
 
     def tensor(self, name: str, source: Mapping[str, np.ndarray]) -> torch.Tensor:
@@ -96,10 +100,56 @@ class Dyn(Objective):
         return out
 
 
-def objective_from_config(config: Mapping[str, Any], state: Arrays, global_arrays: Arrays, device: torch.device) -> Objective | None:
+@OBJECTIVES.register("lap")
+class Lap(Objective):
+    """FedLap (Swaroop et al. 2025, isotropic Gaussian sites), client side:
+    ``argmin N_k l_k(w) + delta v_k^T w + (delta / 2) ||w - w_g||^2``, divided by N_k for the
+    learner's mean loss.
+
+    The dual step ``v_k <- v_k + rho (w_k - w_g)`` uses the global model computed *from* ``w_k``
+    (see ``strategies/fedlap.py``), which the client only sees in the next message it gets. So
+    the client keeps ``dual.<n>`` and its last trained ``last.<n>`` and applies the step when the
+    next round starts. With full participation that is exactly the server's step; a client that
+    skipped rounds applies it with the newer global it receives (the server's copy of its dual
+    used the global of the round it trained in)."""
+
+    def __init__(self, config: Mapping[str, Any], state: Arrays, global_arrays: Arrays, device: torch.device,
+                 num_examples: int = 1) -> None:
+        super().__init__(config, state, global_arrays, device, num_examples)
+        last = {k[5:]: v for k, v in self.state.items() if k.startswith("last.")}
+        if last:
+            self.state.update(lap_dual_update(self.state, last, global_arrays, float(self.config["rho"])))
+
+    def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        delta, n = float(self.config["delta"]), float(self.num_examples)
+        total = torch.zeros((), device=self.device)
+        for name, p in params.items():
+            total = total + 0.5 * delta / n * ((p - self.tensor(name, self.global_arrays)) ** 2).sum()
+            if f"dual.{name}" in self.state:
+                total = total + delta / n * (p * self.tensor(f"dual.{name}", self.state)).sum()
+        return total
+
+    def after_fit(self, trained: Arrays) -> Arrays:
+        duals = {k: v for k, v in self.state.items() if k.startswith("dual.")}
+        return {**duals, **{f"last.{k}": v for k, v in trained.items() if k in self.global_arrays}}
+
+
+def lap_dual_update(duals: Arrays, trained: Arrays, global_arrays: Arrays, rho: float) -> Arrays:
+    """``dual.<n> <- dual.<n> + rho (w_k - w_g)`` for every float array of the global model;
+    the same step on the client (for its loss) and on the server (for ``w_g``)."""
+    out = {}
+    for name, wg in global_arrays.items():
+        if name in trained and np.issubdtype(wg.dtype, np.floating):
+            v = duals.get(f"dual.{name}", np.zeros_like(wg, dtype=np.float64))
+            out[f"dual.{name}"] = v + rho * (trained[name].astype(np.float64) - wg)
+    return out
+
+
+def objective_from_config(config: Mapping[str, Any], state: Arrays, global_arrays: Arrays, device: torch.device,
+                          num_examples: int = 1) -> Objective | None:
     """The objective a train message asks for, or ``None``."""
     name = config.get("objective")
     if not name:
         return None
     params = {k[len(PREFIX):]: v for k, v in config.items() if k.startswith(PREFIX)}
-    return OBJECTIVES.get(str(name))(params, state, global_arrays, device)
+    return OBJECTIVES.get(str(name))(params, state, global_arrays, device, num_examples)

@@ -51,6 +51,10 @@ class FedensStrategy(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.global_arrays: Arrays | None = None  # the arrays this round's training started from
         self.ctx: ServerContext | None = None
+        # Partition ids of the replies aggregate_arrays gets, in its order (from the FedensGrid;
+        # node ids under a plain Flower grid), for strategies that keep per-client state.
+        self.reply_partitions: list[int] = []
+        self._partition_of: dict[int, int] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
     def bind(self, ctx: ServerContext) -> None:
@@ -66,6 +70,7 @@ class FedensStrategy(FedAvg):
     # ------------------------------------------------------------------ Flower plumbing
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
+        self._partition_of = getattr(grid, "partition_of", {})
         for key, value in self.train_config(server_round).items():
             config[key] = value
         return super().configure_train(server_round, arrays, config, grid)
@@ -75,6 +80,7 @@ class FedensStrategy(FedAvg):
         if not valid:
             return None, None
         contents = [m.content for m in valid]
+        self.reply_partitions = [self._partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id) for m in valid]
         arrays = [from_record(next(iter(c.array_records.values()))) for c in contents]
         n = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents])
         new = self.aggregate_arrays(server_round, arrays, n / n.sum())

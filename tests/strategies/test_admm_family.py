@@ -70,3 +70,52 @@ def test_prox_keeps_a_single_learner_near_the_global_model():
         learner.fit(data, seeded_generator(0, 1, 0), 1)
         drift[mu] = sum(float(((learner.get_arrays()[k] - v) ** 2).sum()) for k, v in start.items())
     assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_fedlap_reaches_the_ridge_fixed_point_with_client_and_server_duals_in_step():
+    """Ridge regression split over 3 clients: N_k l_k(w) = 1/2 ||X_k w - y_k||^2, solved exactly
+    by each client with its FedLap term. The global model reaches the pooled MAP
+    (sum_k X_k^T X_k + delta I)^-1 sum_k X_k^T y_k, i.e. sum_k N_k grad l_k(w) + delta w = 0, and
+    the clients' own duals equal the server's copies (full participation)."""
+    from fedens.objectives import Lap
+    from strategies.fedlap import fedlap_server_step
+
+    rng = np.random.default_rng(0)
+    d, delta, rho = 4, 2.0, 1.0
+    X = [rng.normal(size=(n, d)) for n in (20, 30, 10)]
+    y = [x @ rng.normal(size=d) + 0.1 * rng.normal(size=len(x)) for x in X]
+    ridge = np.linalg.solve(sum(x.T @ x for x in X) + delta * np.eye(d), sum(x.T @ t for x, t in zip(X, y)))
+    wg = {"w": np.zeros(d)}
+    server_duals: dict = {}
+    client_state = [{} for _ in X]
+    errors = []
+    for _ in range(100):
+        trained = {}
+        for k, (x, t) in enumerate(zip(X, y)):
+            obj = Lap({"delta": delta, "rho": rho}, client_state[k], wg, CPU, num_examples=len(t))
+            v = obj.state.get("dual.w", np.zeros(d))
+            if k in server_duals:
+                assert np.allclose(v, server_duals[k]["dual.w"])  # client and server agree
+            # argmin 1/2||Xw - y||^2 + delta v^T w + delta/2 ||w - w_g||^2
+            trained[k] = {"w": np.linalg.solve(x.T @ x + delta * np.eye(d), x.T @ t - delta * v + delta * wg["w"])}
+            client_state[k] = obj.after_fit(trained[k])
+        wg, server_duals = fedlap_server_step(server_duals, trained, wg, rho)
+        assert np.allclose(wg["w"], sum(dv["dual.w"] for dv in server_duals.values()))  # w_g = sum_k v_k
+        errors.append(np.abs(wg["w"] - ridge).max())
+    assert errors[-1] < 1e-3
+    # isotropic delta is not the Hessian: no one-step convergence, but geometric decrease
+    assert errors[0] > 0.1 and errors[49] < errors[9] < errors[0]
+    grad = sum(x.T @ (x @ wg["w"] - t) for x, t in zip(X, y)) + delta * wg["w"]
+    assert np.abs(grad).max() < 1e-2  # the fixed point sum_k N_k grad l_k(w) + delta w = 0
+
+
+def test_lap_penalty_gradient_is_the_scaled_admm_term():
+    from fedens.objectives import Lap
+
+    wg = {"w": np.array([1.0, -1.0])}
+    state = {"dual.w": np.array([0.5, 0.0]), "last.w": np.array([1.0, -1.0])}  # last == w_g: no dual step
+    obj = Lap({"delta": 4.0, "rho": 1.0}, state, wg, CPU, num_examples=2)
+    w = torch.tensor([2.0, 1.0], requires_grad=True)
+    obj.penalty({"w": w}).backward()
+    # d/dw of (delta/N)(v^T w + 1/2 ||w - w_g||^2) = 2 * (v + w - w_g) = 2 * (1.5, 2)
+    assert torch.allclose(w.grad, torch.tensor([3.0, 4.0]))

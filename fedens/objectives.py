@@ -145,6 +145,26 @@ def lap_dual_update(duals: Arrays, trained: Arrays, global_arrays: Arrays, rho: 
     return out
 
 
+@OBJECTIVES.register("admm")
+class Admm(Objective):
+    """FedADMM (Gong et al. 2022), client side: ``l_k(w) + <y_k, w - w_g> + (rho/2) ||w - w_g||^2``
+    with the dual ``y_k`` (state ``dual.<name>``, zero at first); after training
+    ``y_k <- y_k + rho (w_k - w_g)`` against the global the client trained from."""
+
+    def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        rho = float(self.config["rho"])
+        total = torch.zeros((), device=self.device)
+        for name, p in params.items():
+            diff = p - self.tensor(name, self.global_arrays)
+            total = total + 0.5 * rho * (diff**2).sum()
+            if f"dual.{name}" in self.state:
+                total = total + (self.tensor(f"dual.{name}", self.state) * diff).sum()
+        return total
+
+    def after_fit(self, trained: Arrays) -> Arrays:
+        return lap_dual_update(self.state, trained, self.global_arrays, float(self.config["rho"]))
+
+
 def objective_from_config(config: Mapping[str, Any], state: Arrays, global_arrays: Arrays, device: torch.device,
                           num_examples: int = 1) -> Objective | None:
     """The objective a train message asks for, or ``None``."""

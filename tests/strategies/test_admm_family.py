@@ -119,3 +119,21 @@ def test_lap_penalty_gradient_is_the_scaled_admm_term():
     obj.penalty({"w": w}).backward()
     # d/dw of (delta/N)(v^T w + 1/2 ||w - w_g||^2) = 2 * (v + w - w_g) = 2 * (1.5, 2)
     assert torch.allclose(w.grad, torch.tensor([3.0, 4.0]))
+
+
+def test_fedadmm_client_dual_and_server_step_by_hand():
+    from fedens.objectives import Admm
+    from strategies.fedadmm import fedadmm_server_step
+
+    wg = {"w": np.array([1.0])}
+    obj = Admm({"rho": 0.5}, {"dual.w": np.array([2.0])}, wg, CPU)
+    w = torch.tensor([3.0], requires_grad=True)
+    pen = obj.penalty({"w": w})
+    assert float(pen) == pytest.approx(0.25 * 4 + 2 * 2)  # rho/2 (w-wg)^2 + y (w - wg)
+    pen.backward()
+    assert float(w.grad) == pytest.approx(0.5 * 2 + 2)  # rho (w - wg) + y
+    assert obj.after_fit({"w": np.array([3.0])})["dual.w"] == pytest.approx([3.0])  # 2 + 0.5 * 2
+    # server: w_g + eta/K * sum_k (2 w_k^new - w_g - w_k^old) = 1 + 1/4 * ((6-1-1) + (4-1-2)) = 2.25
+    new = fedadmm_server_step(wg, {0: {"w": np.array([3.0])}, 1: {"w": np.array([2.0])}},
+                              {0: {"w": np.array([1.0])}, 1: {"w": np.array([2.0])}}, eta=1.0, num_clients=4)
+    assert new["w"] == pytest.approx([2.25])

@@ -69,10 +69,13 @@ def make_client_app(scn: Scenario) -> ClientApp:
         )
         t0 = time.perf_counter()
         metrics = learner.fit(data, generator, server_round)
+        trained = learner.get_arrays()
         if learner.objective is not None:
-            context.state[OBJECTIVE_STATE] = to_record(learner.objective.after_fit(learner.get_arrays()))
+            learner.objective.measure(learner, data)
+            context.state[OBJECTIVE_STATE] = to_record(learner.objective.after_fit(trained))
+            trained.update(learner.objective.reply_arrays())
         metrics.update({"num-examples": len(data), "train_time_s": time.perf_counter() - t0})
-        content = RecordDict({"arrays": to_record(learner.get_arrays()), "metrics": MetricRecord(metrics)})
+        content = RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -54,9 +54,17 @@ class Objective:
         """The term for the current parameters (by payload name), added to the mean loss."""
         raise NotImplementedError
 
+    def measure(self, learner: Any, data: Any) -> None:
+        """After training, before ``after_fit``: look at the trained learner and its data (e.g.
+        curvature at the trained weights). Default: nothing."""
+
     def after_fit(self, trained: Arrays) -> Arrays:
         """The state to keep for the next time this client trains (default: unchanged)."""
         return self.state
+
+    def reply_arrays(self) -> Arrays:
+        """Extra arrays the client sends back with its trained ones (default: none)."""
+        return {}
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
@@ -163,6 +171,88 @@ class Admm(Objective):
 
     def after_fit(self, trained: Arrays) -> Arrays:
         return lap_dual_update(self.state, trained, self.global_arrays, float(self.config["rho"]))
+
+
+@OBJECTIVES.register("lapcov")
+class LapCov(Objective):
+    """FedLap-Cov (Swaroop et al. 2025, diagonal Gaussian sites), client side:
+    ``argmin N_k l_k(w) + 1/2 (w - w_g)^T S_g (w - w_g) + v_k^T w - 1/2 w^T V_k w`` (divided by N_k),
+    ``S_g`` the global precision (``precision.<name>`` in the message; ``delta`` before the
+    server has one). After training: ``H_k`` = the diagonal GGN at ``w_k`` (``diag_ggn``), sent to
+    the server as ``hess.<name>``, and the dual step (``lapcov_dual_update``) that the server
+    repeats with the same numbers."""
+
+    def _precision(self, name: str) -> np.ndarray:
+        key = f"precision.{name}"
+        return self.global_arrays[key] if key in self.global_arrays else np.full_like(
+            self.global_arrays[name], float(self.config["delta"]), dtype=np.float64)
+
+    def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        n = float(self.num_examples)
+        total = torch.zeros((), device=self.device)
+        for name, p in params.items():
+            s_g = torch.as_tensor(self._precision(name), dtype=torch.float32, device=self.device)
+            total = total + 0.5 * (s_g * (p - self.tensor(name, self.global_arrays)) ** 2).sum() / n
+            if f"dual.{name}" in self.state:
+                total = total + ((self.tensor(f"dual.{name}", self.state) * p).sum()
+                                 - 0.5 * (self.tensor(f"site.{name}", self.state) * p**2).sum()) / n
+        return total
+
+    def measure(self, learner: Any, data: Any) -> None:
+        self.hess = {k: v.cpu().numpy().astype(np.float64) for k, v in diag_ggn(learner.model, data.x).items()}
+
+    def after_fit(self, trained: Arrays) -> Arrays:
+        precision = {n: self._precision(n) for n in self.hess}
+        return lapcov_dual_update(self.state, trained, self.hess, self.global_arrays, precision, float(self.config["rho"]))
+
+    def reply_arrays(self) -> Arrays:
+        return {f"hess.{k}": v.astype(np.float32) for k, v in self.hess.items()}
+
+
+def lapcov_dual_update(state: Arrays, trained: Arrays, hess: Arrays, global_arrays: Arrays, precision: Arrays,
+                       rho: float) -> Arrays:
+    """FedLap-Cov's dual step (METHODS.md section 2), element-wise for diagonal precisions:
+    ``S_k = H_k - V_k + S_g``; ``v_k += rho (S_k w_k - S_g w_g)``; ``V_k <- (1 - rho) V_k + rho H_k``.
+    ``state`` holds ``dual.<n>`` (v_k) and ``site.<n>`` (V_k); missing ones are zero."""
+    out = {}
+    for name, h in hess.items():
+        w, wg, s_g = trained[name].astype(np.float64), global_arrays[name].astype(np.float64), precision[name]
+        v = state.get(f"dual.{name}", np.zeros_like(w))
+        site = state.get(f"site.{name}", np.zeros_like(w))
+        s_k = h - site + s_g
+        out[f"dual.{name}"] = v + rho * (s_k * w - s_g * wg)
+        out[f"site.{name}"] = (1 - rho) * site + rho * h
+    return out
+
+
+def diag_ggn(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Diagonal generalised Gauss-Newton of the summed cross-entropy at the model's parameters:
+    ``sum_i diag(J_i^T (diag(p_i) - p_i p_i^T) J_i)``, with ``J_i`` the Jacobian of the logits
+    ``(classes, params)`` of input i. Element-wise that is ``sum_i [sum_c p_ic J_icj^2 -
+    (sum_c p_ic J_icj)^2]``; computed exactly with per-example Jacobians (torch.func), in
+    chunks of ``batch_size`` inputs ``x`` ``(n, ...)``. Equals the Fisher for softmax outputs."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    device = next(iter(params.values())).device
+    out = {k: torch.zeros_like(v) for k, v in params.items()}
+
+    def logits(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    was_training = model.training
+    model.eval()
+    xs = torch.as_tensor(x)
+    for i in range(0, len(xs), batch_size):
+        xb = xs[i : i + batch_size].to(device)
+        with torch.no_grad():
+            prob = torch.softmax(functional_call(model, params, (xb,)), -1)  # (b, C)
+        jac = vmap(jacrev(logits), in_dims=(None, 0))(params, xb)  # name -> (b, C, *shape)
+        for k, j in jac.items():
+            pj = prob.view(*prob.shape, *([1] * (j.ndim - 2)))
+            out[k] += (pj * j**2).sum((0, 1)) - ((pj * j).sum(1) ** 2).sum(0)
+    model.train(was_training)
+    return out
 
 
 def objective_from_config(config: Mapping[str, Any], state: Arrays, global_arrays: Arrays, device: torch.device,

@@ -1,4 +1,4 @@
-"""FedProx, FedDyn, FedLap and FedADMM run 3 clients x 2 rounds from a scenario through Flower + Ray, with their
+"""FedProx, FedDyn, FedLap, FedLap-Cov and FedADMM run 3 clients x 2 rounds from a scenario through Flower + Ray, with their
 client-side terms and (FedDyn, FedLap, FedADMM) the clients' state kept in ``context.state`` across rounds."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fedens.scenario import ScenarioError, load_scenario
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("name,params", [("fedprox", {"mu": 0.1}), ("feddyn", {"alpha": 0.1}), ("fedlap", {"delta": 1.0, "rho": 0.5}), ("fedadmm", {"rho": 0.01})])
+@pytest.mark.parametrize("name,params", [("fedprox", {"mu": 0.1}), ("feddyn", {"alpha": 0.1}), ("fedlap", {"delta": 1.0, "rho": 0.5}), ("fedadmm", {"rho": 0.01}), ("fedlap_cov", {"delta": 1.0, "rho": 1.0})])
 def test_admm_family_runs(name: str, params: dict, tmp_path: Path):
     scenario = {
         "name": name, "rounds": 2,

@@ -137,3 +137,46 @@ def test_fedadmm_client_dual_and_server_step_by_hand():
     new = fedadmm_server_step(wg, {0: {"w": np.array([3.0])}, 1: {"w": np.array([2.0])}},
                               {0: {"w": np.array([1.0])}, 1: {"w": np.array([2.0])}}, eta=1.0, num_clients=4)
     assert new["w"] == pytest.approx([2.25])
+
+
+def test_diag_ggn_matches_the_explicit_formula():
+    from fedens.objectives import diag_ggn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(5, 3)
+    got = diag_ggn(model, x.numpy(), batch_size=2)
+    params = dict(model.named_parameters())
+    want = {k: torch.zeros_like(v) for k, v in params.items()}
+    for xi in x:  # J^T (diag p - p p^T) J, one input at a time, from autograd Jacobian rows
+        logits = model(xi)
+        p = torch.softmax(logits, -1).detach()
+        rows = [torch.autograd.grad(logits[c], list(params.values()), retain_graph=True) for c in range(3)]
+        lam = torch.diag(p) - torch.outer(p, p)
+        for j, k in enumerate(params):
+            J = torch.stack([r[j].flatten() for r in rows])  # (C, P)
+            want[k] += torch.diagonal(J.T @ lam @ J).view_as(params[k])
+    for k in params:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
+def test_fedlap_cov_converges_in_one_step_on_a_diagonal_quadratic():
+    """Ridge regression with orthogonal features (diagonal Hessian X_k^T X_k), exact client
+    solves, exact curvature and rho = 1: the first server step is the pooled MAP."""
+    from fedens.objectives import lapcov_dual_update
+    from strategies.fedlap_cov import fedlap_cov_server_step
+
+    rng = np.random.default_rng(1)
+    d, delta = 3, 0.5
+    X = [np.diag(rng.uniform(1, 3, d)) for _ in range(3)]  # orthogonal design: diagonal X^T X
+    y = [rng.normal(size=d) for _ in X]
+    ridge = np.linalg.solve(sum(x.T @ x for x in X) + delta * np.eye(d), sum(x.T @ t for x, t in zip(X, y)))
+    wg, precision = {"w": np.zeros(d)}, {"w": np.full(d, delta)}
+    sites = {}
+    for k, (x, t) in enumerate(zip(X, y)):
+        # argmin 1/2||Xw - y||^2 + 1/2 (w - w_g)^T S_g (w - w_g)  (v = V = 0 in round 1)
+        w = np.linalg.solve(x.T @ x + np.diag(precision["w"]), x.T @ t + precision["w"] * wg["w"])
+        sites[k] = lapcov_dual_update({}, {"w": w}, {"w": np.diag(x.T @ x)}, wg, precision, rho=1.0)
+    new = fedlap_cov_server_step(sites, {"w": wg["w"]}, delta)
+    assert np.allclose(new["w"], ridge, atol=1e-10)
+    assert np.allclose(new["precision.w"], delta + sum(np.diag(x.T @ x) for x in X))

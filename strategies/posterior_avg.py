@@ -1,0 +1,63 @@
+"""``posterior_avg``: precision-weighted averaging of diagonal Gaussian posteriors (METHODS.md
+section 4, option (i); the IVON posterior of Shen et al., ICML 2024, arXiv 2402.17641).
+
+Client k sends ``mean.<n>`` = m_k and ``precision.<n>`` = s_k (IVON: s_k = ess_k (hess_k + wd)).
+With the FedAvg weights w_k (data sizes, summing to 1), element-wise:
+
+    S_g = sum_k w_k s_k
+    m_g = sum_k w_k s_k m_k / S_g
+
+Decisions:
+- ``w_k`` are the usual FedAvg weights, so equal precisions give FedAvg exactly; a client's
+  data size enters twice (through w_k and through s_k, which IVON scales with ess = n_k), as the
+  equation in METHODS prescribes.
+- Arrays that are neither ``mean.*`` nor ``precision.*`` (buffers, e.g. BatchNorm statistics)
+  are the plain weighted average.
+- Math in float64, cast back to the arrays' dtype. Precisions are positive for the ``ivon``
+  learner (weight_decay > 0); a zero total precision is an error, not a silent 0/0.
+
+No params (besides Flower's FedAvg sampling arguments).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from strategies import STRATEGIES
+from strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
+
+
+def precision_weighted_average(means: list[np.ndarray], precisions: list[np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(m_g, S_g)`` in float64 (module docstring)."""
+    s = [np.asarray(p, dtype=np.float64) for p in precisions]
+    total = sum(w * sk for w, sk in zip(weights, s))
+    if np.any(total <= 0):
+        raise ValueError("posterior_avg: the weighted sum of precisions is not positive everywhere")
+    mean = sum(w * sk * np.asarray(m, dtype=np.float64) for w, sk, m in zip(weights, s, means)) / total
+    return mean, total
+
+
+class PosteriorAveraging(FedensStrategy):
+    """Precision-weighted average of the clients' Gaussian posteriors."""
+
+    supported_learners = ("ivon",)
+
+    def __init__(self, **fedavg_kwargs: Any) -> None:
+        super().__init__(**fedavg_kwargs)
+
+    def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
+        parts = [split_posterior(a) for a in arrays]
+        means0, precs0, rest0 = parts[0]
+        if not means0 or set(means0) != set(precs0):
+            raise ValueError("posterior_avg: clients must send mean.<n> and precision.<n> for the same names")
+        means, precs = {}, {}
+        for n in means0:
+            m, s = precision_weighted_average([p[0][n] for p in parts], [p[1][n] for p in parts], weights)
+            means[n], precs[n] = m.astype(means0[n].dtype), s.astype(precs0[n].dtype)
+        rest = weighted_average([p[2] for p in parts], weights) if rest0 else {}
+        return join_posterior(means, precs, rest)
+
+
+STRATEGIES.add("posterior_avg", PosteriorAveraging)

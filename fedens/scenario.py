@@ -360,6 +360,10 @@ def check_references(scn: Scenario) -> Scenario:
                 f"{label}: learner.kind: strategy {scn.strategy.name!r} does not support learner "
                 f"{scn.learner.kind!r} (it supports: {', '.join(supported)})"
             )
+    check = getattr(cls, "check_scenario", None)
+    problem = check(scn) if check is not None else None
+    if problem:
+        raise ScenarioError(f"{label}: {problem}")
 
     return scn.model_copy(update={
         "data": scn.data.model_copy(update={"params": params}),

@@ -57,6 +57,12 @@ class FedensStrategy(FedAvg):
         self._partition_of: dict[int, int] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
+    @classmethod
+    def check_scenario(cls, scn: Any) -> str | None:
+        """Why this strategy cannot run the (otherwise valid) scenario, as ``"key.path: why"``,
+        or ``None``. Called when a scenario is validated, so the error is exit code 2."""
+        return None
+
     def bind(self, ctx: ServerContext) -> None:
         self.ctx = ctx
 

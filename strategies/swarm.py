@@ -1,0 +1,315 @@
+"""``swarm``: swarm-consensus ensembling, the fedens specification of METHODS.md section 3.
+
+Built on the public facts of PoSw: Raza, Tran, Koehl, Li, "Proof of Swarm Based Ensemble
+Learning for Federated Learning Applications", ACM SAC 2023 (arXiv 2212.14050): a consensus over
+the *outputs* of locally trained models, inspired by particle swarm optimisation, that weighs
+every peer's decision and confidence, breaks ties, and converges in a few steps. The paper's
+exact rule and code are not public: the rule below is OURS (fedens), not the paper's.
+
+Every round, after local training:
+
+1. Candidates. Each participating node i offers the models it trained. fedens clients train the
+   scenario's learner, here a ``deep_ensemble`` of P members (P = ``learner.members``, the
+   pool), so node i offers P candidates, (i, 0) .. (i, P-1): candidate rows are ordered by
+   partition id, then member.
+2. Scoring. One extra message round through the Flower grid: every participating node j gets a
+   ``query.validate`` message with the arrays of every OTHER node's candidates (one ArrayRecord
+   ``cand.<partition id>`` per node; FedensGrid counts its bytes in the round's ``bytes_sent``)
+   and replies, per candidate, s_ij = accuracy (``score="accuracy"``) or −NLL (``score="nll"``)
+   and c_ij = mean max-probability on its own validation split (``fedens.client_app``'s
+   ``validate`` handler).
+3. Consensus (``swarm_consensus``, a pure function). Node j's belief b_j over all candidates
+   starts at softmax(s_·j / ``tau``) over the candidates it scored. For t = 1..``T``: the swarm
+   best g = argmax_i Σ_j c_ij b_ij / Σ_j c_ij (the confidence-weighted mean belief); every node
+   moves b_j ← normalise(``omega`` b_j + ``phi1`` own_best_j + ``phi2`` e_g), own_best_j the
+   one-hot of the candidate node j scored best. Stop as soon as every node's top-k set is the
+   same (checked before each move, so ``steps`` = moves made, 0..T; own candidates: below). Ties, in every ranking
+   (argmax, top-k, own best): higher belief/score, then higher cumulative confidence Σ_j c_ij,
+   then the lower row (lower partition id, then lower member index).
+4. Ensemble. The agreed top-``k`` (if the nodes did not agree within T steps: the top-k of the
+   final confidence-weighted mean belief) with weights ∝ that mean belief, normalised to 1.
+5. Metrics. ``swarm_steps``, ``swarm_agreement`` (share of nodes whose final top-k set is the
+   ensemble's), ``swarm_weights``, the members' partition ids and member indices, and the slot
+   counts, in the MetricRecord of ``aggregate_train`` (the run log), and in ``self.history``.
+
+Decisions
+- Own candidates: a node never scores its own models (the server does not send them to it, so
+  they cost no bytes). They enter the node's softmax with belief 0 and carry confidence 0, so
+  they never count in the swarm mean; a node's belief in its own model can only grow through
+  the social term (when the swarm's best is its model), never through its own judgement. For
+  the consensus test (top-k sets, agreement) a node ranks its own candidates by the swarm's
+  mean belief instead: it defers to the swarm about them. Without that a node could place
+  another node's model but never its own in its top-k, and most sets could never be agreed.
+- Dynamics (an observation, not a change): with φ1 > φ2 every b_j tends to
+  φ1/(1−ω)·own_best_j + φ2/(1−ω)·e_g = 0.6·own_best_j + 0.4·e_g and the other entries decay
+  alike, keeping their initial order; so the top-k sets agree quickly when the nodes' own-best
+  candidates and g fit in one k-set and their remaining rankings match, and otherwise never:
+  then the T steps are used and the swarm-mean top-k is taken, with ``swarm_agreement`` < 1.
+- The returned global model is a P-slot ``deep_ensemble``: the k agreed members fill the P
+  slots (``member.{slot}.*``), member m taking n_m slots with n_m ≥ 1, Σ n_m = P, n_m ∝ weight
+  by largest remainder (``allocate_slots``). The server evaluates ``predict_proba`` on exactly
+  these arrays and averages members uniformly, so the recorded global metrics are those of the
+  agreed ensemble with the consensus weights QUANTISED to multiples of 1/P. With P == k (the
+  shipped scenario) that is the uniform mean over the agreed members: an approximation of the
+  belief weights, which are still reported exactly. A larger pool (P > k) gets closer.
+- What clients train from next round: that same P-slot ensemble. Every node fine-tunes every
+  slot on its own data (as a ``deep_ensemble`` client does), and the fine-tuned slots are the
+  next round's candidates. Nothing is averaged: the global model is always a selection of
+  models some node trained.
+- Validators are the nodes that trained this round (each peer both proposes and validates). A
+  failed validator reply leaves its column unscored; a node without validation data
+  (``data.val_fraction: 0``) cannot score, so bind refuses it. With no scores at all (one
+  node), the first k candidates by cumulative confidence then partition id are taken
+  uniformly, with steps 0 and agreement 0.
+- Validator predictions are seeded per candidate (``seeded_generator(seed, round, pid, 2)``),
+  like federated evaluation.
+
+Shapes: ``scores`` and ``confidence`` ``(N_cand, N_val)``, NaN where a validator gave no score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedens.payload import from_record, to_record
+from strategies import STRATEGIES
+from strategies.base import Arrays, FedensStrategy, ServerContext, split_members
+
+log = logging.getLogger("fedens")
+
+SCORE_KINDS = ("accuracy", "nll")
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def rank(values: np.ndarray, cumulative_confidence: np.ndarray) -> np.ndarray:
+    """Indices ``(C,)`` best first: higher value, then higher cumulative confidence, then lower
+    index. Values are compared to 12 decimals, so float noise does not break a tie."""
+    idx = np.arange(len(values))
+    return np.lexsort((idx, -np.round(cumulative_confidence, 12), -np.round(values, 12)))
+
+
+def swarm_consensus(
+    scores: np.ndarray,
+    confidence: np.ndarray,
+    k: int = 3,
+    T: int = 10,
+    tau: float = 0.1,
+    omega: float = 0.5,
+    phi1: float = 0.3,
+    phi2: float = 0.2,
+) -> tuple[list[int], np.ndarray, int, float]:
+    """PSO-style consensus of validators over candidates (module docstring, step 3).
+
+    scores, confidence : ``(N_cand, N_val)``; entry ``[i, j]`` is validator j's score s_ij
+        (higher is better) and confidence c_ij of candidate i; NaN in ``scores`` = not scored
+        (a node's own candidates).
+    Returns ``(members, weights, steps, agreement)``: up to k candidate indices best first,
+    their weights ``(len(members),)`` summing to 1, the number of belief moves (0..T), and the
+    share of scoring validators whose final top-k set equals ``members``.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    c = np.asarray(confidence, dtype=np.float64)
+    if s.ndim != 2 or s.shape != c.shape or s.shape[0] == 0:
+        raise ValueError(f"scores and confidence must be equal (N_cand, N_val) arrays, got {s.shape} and {c.shape}")
+    check_params(k, T, tau, omega, phi1, phi2)
+    n_cand = s.shape[0]
+    k = min(k, n_cand)
+    scored = ~np.isnan(s)
+    conf = np.where(scored, np.nan_to_num(c, nan=0.0), 0.0)  # own / missing entries weigh nothing
+    cumulative = conf.sum(1)  # Σ_j c_ij, the first tie-break
+    active = scored.any(0)  # validators that scored something
+    if not active.any():
+        return [int(i) for i in rank(np.zeros(n_cand), cumulative)[:k]], np.full(k, 1.0 / k), 0, 0.0
+    s, scored, conf = s[:, active], scored[:, active], conf[:, active]
+    n_val = s.shape[1]
+
+    z = np.where(scored, s / tau, -np.inf)
+    belief = np.exp(z - z.max(0, keepdims=True))  # (C, V); unscored -> 0
+    belief /= belief.sum(0, keepdims=True)
+    own_best = np.array([rank(np.where(scored[:, j], s[:, j], -np.inf), cumulative)[0] for j in range(n_val)])
+    conf_total = conf.sum(1)
+
+    def swarm_mean(b: np.ndarray) -> np.ndarray:  # (C,): Σ_j c_ij b_ij / Σ_j c_ij
+        return np.divide((conf * b).sum(1), conf_total, out=np.zeros(n_cand), where=conf_total > 0)
+
+    def top_sets(b: np.ndarray) -> list[frozenset[int]]:
+        # A node ranks its own candidates by the swarm's mean belief: it defers to the swarm.
+        view = np.where(scored, b, swarm_mean(b)[:, None])
+        return [frozenset(int(i) for i in rank(view[:, j], cumulative)[:k]) for j in range(n_val)]
+
+    steps = 0
+    while len(set(top_sets(belief))) > 1 and steps < T:
+        g = rank(swarm_mean(belief), cumulative)[0]
+        moved = omega * belief
+        moved[own_best, np.arange(n_val)] += phi1
+        moved[g, :] += phi2
+        belief = moved / moved.sum(0, keepdims=True)
+        steps += 1
+
+    sets, mean = top_sets(belief), swarm_mean(belief)
+    order = rank(mean, cumulative)
+    agreed = sets[0] if len(set(sets)) == 1 else frozenset(int(i) for i in order[:k])
+    members = [int(i) for i in order if int(i) in agreed]
+    w = mean[members]
+    weights = w / w.sum() if w.sum() > 0 else np.full(len(members), 1.0 / len(members))
+    agreement = float(np.mean([s_j == agreed for s_j in sets]))
+    return members, weights, steps, agreement
+
+
+def allocate_slots(weights: np.ndarray, slots: int) -> np.ndarray:
+    """Slots per member ``(k,)`` for a pool of ``slots`` ≥ k: at least one each, Σ = slots, as
+    close to ``weights · slots`` as whole numbers allow (largest remainder; earlier members win
+    ties, and lose slots last)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if slots < len(w):
+        raise ValueError(f"{len(w)} members do not fit in {slots} slots")
+    quota = w / w.sum() * slots
+    counts = np.maximum(1, np.floor(quota)).astype(int)
+    while counts.sum() > slots:  # the floor of one slot each overshot: take from the most over-served
+        excess = np.where(counts > 1, counts - quota, -np.inf)
+        counts[len(w) - 1 - int(np.argmax(excess[::-1]))] -= 1
+    while counts.sum() < slots:
+        counts[int(np.argmax(quota - counts))] += 1
+    return counts
+
+
+def check_params(k: int, T: int, tau: float, omega: float, phi1: float, phi2: float) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if T < 0:
+        raise ValueError(f"T must be >= 0, got {T}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if min(omega, phi1, phi2) < 0 or omega + phi1 + phi2 <= 0:
+        raise ValueError(f"omega, phi1, phi2 must be >= 0 with a positive sum, got {omega}, {phi1}, {phi2}")
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+class SwarmStrategy(FedensStrategy):
+    """Swarm-consensus ensembling (fedens's rule after PoSw; see the module docstring)."""
+
+    supported_learners: ClassVar[tuple[str, ...] | None] = ("deep_ensemble",)
+
+    def __init__(
+        self,
+        k: int = 3,
+        T: int = 10,
+        tau: float = 0.1,
+        omega: float = 0.5,
+        phi1: float = 0.3,
+        phi2: float = 0.2,
+        score: str = "accuracy",
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        check_params(k, T, tau, omega, phi1, phi2)
+        if score not in SCORE_KINDS:
+            raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+        self.k, self.T, self.tau, self.omega, self.phi1, self.phi2, self.score_kind = k, T, tau, omega, phi1, phi2, score
+        self.grid: Grid | None = None
+        self.timeout: float | None = None
+        self.slots = 0  # P, the learner's members
+        self.history: list[dict[str, Any]] = []  # per round: steps, agreement, weights, members
+
+    def bind(self, ctx: ServerContext) -> None:
+        super().bind(ctx)
+        if ctx.scenario.data.val_fraction <= 0:
+            raise ValueError("strategy swarm scores models on the clients' validation splits: set data.val_fraction > 0")
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs: Any):  # noqa: ANN201
+        members, shared = split_members(from_record(initial_arrays))
+        if shared or not members:
+            raise ValueError("strategy swarm needs a learner whose arrays are all member.{k}.* (deep_ensemble)")
+        if self.k > len(members):
+            raise ValueError(f"strategy swarm: k={self.k} exceeds the learner's {len(members)} members (set learner.members >= k)")
+        self.grid, self.timeout, self.slots = grid, timeout, len(members)
+        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid:
+            return None, None
+        nodes = [m.metadata.src_node_id for m in valid]
+        pids = [self.partition(n) for n in nodes]
+        self.reply_partitions = pids
+        records = [next(iter(m.content.array_records.values())) for m in valid]
+        candidates: list[Arrays] = []  # row (pid, member), partition then member order
+        labels: list[tuple[int, int]] = []
+        for pid, record in zip(pids, records):
+            members, _ = split_members(from_record(record))
+            for m in sorted(members):
+                candidates.append(members[m])
+                labels.append((pid, m))
+
+        scores, confidence = self.score(nodes, pids, records, labels)
+        members, weights, steps, agreement = swarm_consensus(
+            scores, confidence, self.k, self.T, self.tau, self.omega, self.phi1, self.phi2
+        )
+        counts = allocate_slots(weights, self.slots)
+        ensemble: Arrays = {}
+        slot = 0
+        for i, n in zip(members, counts):
+            for _ in range(n):
+                ensemble.update({f"member.{slot}.{name}": a for name, a in candidates[i].items()})
+                slot += 1
+
+        facts = {
+            "swarm_steps": int(steps),
+            "swarm_agreement": float(agreement),
+            "swarm_weights": [float(w) for w in weights],
+            "swarm_member_partitions": [int(labels[i][0]) for i in members],
+            "swarm_member_index": [int(labels[i][1]) for i in members],
+            "swarm_slots": [int(n) for n in counts],
+        }
+        self.history.append({"round": server_round, **facts})
+        log.info("swarm round %d: %s", server_round, facts)
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        for key, value in facts.items():
+            metrics[key] = value
+        return to_record(ensemble), metrics
+
+    def partition(self, node_id: int) -> int:
+        """A node's partition id (FedensGrid knows it; a plain Flower grid: the node id)."""
+        return int(getattr(self.grid, "partition_of", {}).get(node_id, node_id))
+
+    def score(
+        self, nodes: list[int], pids: list[int], records: list[ArrayRecord], labels: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Send every node the other nodes' candidates (``query.validate``) and collect
+        ``(scores, confidence)`` ``(N_cand, N_val)``, NaN where no score came back."""
+        messages = []
+        for j, node in enumerate(nodes):
+            others = {f"cand.{pid}": rec for i, (pid, rec) in enumerate(zip(pids, records)) if i != j}
+            messages.append(Message(RecordDict(others), message_type="query.validate", dst_node_id=node))
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout) if self.grid is not None else []
+
+        row = {label: r for r, label in enumerate(labels)}
+        column = {node: j for j, node in enumerate(nodes)}
+        scores = np.full((len(labels), len(nodes)), np.nan)
+        confidence = np.full_like(scores, np.nan)
+        sign = -1.0 if self.score_kind == "nll" else 1.0
+        for reply in replies:
+            if reply.has_error():
+                log.warning("swarm: a validator failed: %s", reply.error.reason)
+                continue
+            j = column[reply.metadata.src_node_id]
+            values = {key: v for rec in reply.content.metric_records.values() for key, v in rec.items()}
+            for pid in pids:
+                s, c = values.get(f"cand.{pid}.{self.score_kind}"), values.get(f"cand.{pid}.confidence")
+                for m, (s_m, c_m) in enumerate(zip(s or [], c or [])):
+                    if (pid, m) in row:
+                        scores[row[pid, m], j], confidence[row[pid, m], j] = sign * s_m, c_m
+        return scores, confidence
+
+
+STRATEGIES.add("swarm", SwarmStrategy)

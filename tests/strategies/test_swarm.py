@@ -1,0 +1,121 @@
+"""Swarm-consensus ensembling: the consensus on hand-made score matrices, slot allocation, and
+the strategy's parameters. The run through the engine is in tests/e2e/test_swarm_e2e.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from strategies import STRATEGIES
+from strategies.swarm import SwarmStrategy, allocate_slots, rank, swarm_consensus
+
+nan = np.nan
+# 4 nodes, one candidate each (row i = node i's model), columns = validators; a node does not
+# score itself. Everyone but node 2 finds candidate 2 best; node 2 finds candidate 0 best.
+PEERS = np.array([
+    [nan, 0.90, 0.80, 0.70],
+    [0.60, nan, 0.50, 0.60],
+    [0.90, 0.95, nan, 0.90],
+    [0.50, 0.40, 0.30, nan],
+])
+
+
+def test_consensus_on_the_best_model_within_T_steps():
+    members, weights, steps, agreement = swarm_consensus(PEERS, PEERS, k=1, T=10)
+    assert members == [2] and weights.tolist() == [1.0]
+    # node 2 starts on candidate 0, but ranks its own model by the swarm's belief: one move
+    assert steps == 1 and agreement == 1.0
+
+
+def test_agreed_top_k_is_ordered_and_weighted_by_belief():
+    members, weights, steps, agreement = swarm_consensus(PEERS, PEERS, k=2)
+    assert members == [2, 0] and steps <= 10 and agreement == 1.0
+    assert weights.sum() == pytest.approx(1.0) and weights[0] > weights[1] > 0
+
+
+def test_clear_ranking_gives_the_top_k_at_once():
+    scores = np.tile(np.array([[0.9], [0.8], [0.7], [0.6], [0.5]]), (1, 4))  # 5 candidates, 4 validators
+    members, weights, steps, agreement = swarm_consensus(scores, np.full_like(scores, 0.8), k=3)
+    assert members == [0, 1, 2] and steps == 0 and agreement == 1.0
+    assert weights.sum() == pytest.approx(1.0) and np.all(np.diff(weights) < 0)
+
+
+def test_ties_go_to_higher_cumulative_confidence_then_lower_id():
+    scores = np.full((3, 3), 0.7)  # three equally good candidates, three validators
+    conf = np.full((3, 3), 0.8)
+    assert swarm_consensus(scores, conf, k=1)[0] == [0]  # all equal: lowest id
+    conf[2] = 0.9
+    assert swarm_consensus(scores, conf, k=1)[0] == [2]  # more confident: wins
+    conf[1, 0] = 0.95  # Σ_j c_1j = 2.55 < Σ_j c_2j = 2.7
+    assert swarm_consensus(scores, conf, k=2)[0] == [2, 1]
+    members, weights, *_ = swarm_consensus(scores, np.full((3, 3), 0.8), k=3)
+    assert members == [0, 1, 2] and np.allclose(weights, 1 / 3)
+
+
+def test_rank_breaks_ties_by_confidence_then_index():
+    assert rank(np.array([0.5, 0.9, 0.9, 0.9]), np.array([0.0, 1.0, 2.0, 2.0])).tolist() == [2, 3, 1, 0]
+
+
+def test_disagreement_runs_T_steps_and_falls_back_to_the_swarm_mean():
+    # two validators who each prefer a different candidate and never yield (φ1 > φ2)
+    scores = np.array([[0.9, 0.1], [0.1, 0.9]])
+    conf = np.array([[0.7, 0.7], [0.8, 0.8]])
+    members, weights, steps, agreement = swarm_consensus(scores, conf, k=1, T=7)
+    assert steps == 7 and agreement == 0.5
+    assert members == [1] and weights.tolist() == [1.0]  # equal mean belief: the more confident one
+
+
+def test_social_weight_above_cognitive_reaches_consensus():
+    scores = np.array([[0.9, 0.1], [0.1, 0.9]])
+    conf = np.array([[0.7, 0.7], [0.8, 0.8]])
+    members, _, steps, agreement = swarm_consensus(scores, conf, k=1, T=10, phi1=0.1, phi2=0.4)
+    assert members == [1] and 1 <= steps <= 10 and agreement == 1.0
+
+
+def test_nll_scores_and_unscored_validators():
+    neg_nll = -np.array([[0.3, 0.4, nan], [0.2, 0.5, nan], [1.5, 1.2, nan]])  # validator 2 failed
+    members, weights, steps, agreement = swarm_consensus(neg_nll, np.full((3, 3), 0.9), k=2)
+    assert members == [1, 0] and agreement == 1.0 and weights.sum() == pytest.approx(1.0)
+
+
+def test_no_scores_at_all_takes_the_first_k_uniformly():
+    members, weights, steps, agreement = swarm_consensus(np.full((4, 1), nan), np.full((4, 1), nan), k=3)
+    assert members == [0, 1, 2] and np.allclose(weights, 1 / 3) and steps == 0 and agreement == 0.0
+
+
+def test_k_larger_than_candidates_takes_them_all():
+    members, weights, *_ = swarm_consensus(PEERS, PEERS, k=9)
+    assert sorted(members) == [0, 1, 2, 3] and weights.sum() == pytest.approx(1.0)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError):
+        swarm_consensus(np.ones((2, 3)), np.ones((3, 2)))
+    with pytest.raises(ValueError):
+        swarm_consensus(PEERS, PEERS, tau=0)
+    with pytest.raises(ValueError):
+        swarm_consensus(PEERS, PEERS, k=0)
+
+
+@pytest.mark.parametrize(("weights", "slots", "expected"), [
+    ([1 / 3] * 3, 3, [1, 1, 1]),
+    ([0.6, 0.3, 0.1], 3, [1, 1, 1]),  # every member keeps a slot
+    ([0.6, 0.3, 0.1], 6, [3, 2, 1]),
+    ([0.5, 0.25, 0.25], 8, [4, 2, 2]),
+    ([0.9, 0.1], 3, [2, 1]),
+    ([0.5, 0.5], 3, [2, 1]),  # a tie: the better-ranked member gets the extra slot
+])
+def test_allocate_slots(weights, slots, expected):
+    counts = allocate_slots(np.array(weights), slots)
+    assert counts.tolist() == expected and counts.sum() == slots
+
+
+def test_registered_with_defaults_and_checked_params():
+    assert STRATEGIES.get("swarm") is SwarmStrategy
+    assert SwarmStrategy.supported_learners == ("deep_ensemble",)
+    s = SwarmStrategy()
+    assert (s.k, s.T, s.tau, s.omega, s.phi1, s.phi2, s.score_kind) == (3, 10, 0.1, 0.5, 0.3, 0.2, "accuracy")
+    with pytest.raises(ValueError):
+        SwarmStrategy(score="f1")
+    with pytest.raises(ValueError):
+        SwarmStrategy(omega=-1)

@@ -76,7 +76,7 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
             return build_learner(scn, server_data.input_shape, server_data.num_classes, torch.device("cpu"))
 
         strategy.bind(ServerContext(scn, server_data, new_learner, scn.seed))
-    evaluator = RoundEvaluator(scn, learner, server_data, fgrid, recorder, on_round)
+    evaluator = RoundEvaluator(scn, learner, server_data, fgrid, recorder, on_round, strategy)
     strategy.start(
         grid=fgrid,
         initial_arrays=to_record(learner.get_arrays()),
@@ -99,9 +99,10 @@ class RoundEvaluator:
         grid: FedensGrid,
         recorder: RunRecorder,
         on_round: RoundCallback | None,
+        strategy: object | None = None,
     ) -> None:
         self.scn, self.learner, self.data, self.grid = scn, learner, data, grid
-        self.recorder, self.on_round = recorder, on_round
+        self.recorder, self.on_round, self.strategy = recorder, on_round, strategy
         self.rounds = evaluation_rounds(scn)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -109,7 +110,11 @@ class RoundEvaluator:
         now = round(time.time() - self.recorder.started, 3)
         rows: list[dict[str, Any]] = []
         if server_round > 0:
-            rows.append({"round": server_round, "scope": "train", "time_s": now, **train_row(traffic)})
+            # a fedens strategy's own facts of the round (e.g. consensus steps) join the train row
+            extra = getattr(self.strategy, "server_metrics", None) or {}
+            rows.append({"round": server_round, "scope": "train", "time_s": now, **train_row(traffic), **extra})
+            if extra:
+                self.strategy.server_metrics = {}
             if traffic.evaluate:
                 rows.append({"round": server_round, "scope": "clients", "time_s": now, **clients_row(traffic)})
         result = None

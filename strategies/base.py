@@ -55,6 +55,9 @@ class FedensStrategy(FedAvg):
         # node ids under a plain Flower grid), for strategies that keep per-client state.
         self.reply_partitions: list[int] = []
         self._partition_of: dict[int, int] = {}
+        # Facts of the latest aggregation (e.g. consensus steps) that the recorder adds to the
+        # round's ``train`` row of metrics.jsonl; numbers or lists of numbers.
+        self.server_metrics: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
     @classmethod

@@ -30,7 +30,8 @@ Every round, after local training:
    final confidence-weighted mean belief) with weights ∝ that mean belief, normalised to 1.
 5. Metrics. ``swarm_steps``, ``swarm_agreement`` (share of nodes whose final top-k set is the
    ensemble's), ``swarm_weights``, the members' partition ids and member indices, and the slot
-   counts, in the MetricRecord of ``aggregate_train`` (the run log), and in ``self.history``.
+   counts, in the MetricRecord of ``aggregate_train`` (the run log), in ``self.history``, and in the round's
+   ``train`` row of metrics.jsonl (``server_metrics``).
 
 Decisions
 - Own candidates: a node never scores its own models (the server does not send them to it, so
@@ -272,6 +273,7 @@ class SwarmStrategy(FedensStrategy):
             "swarm_slots": [int(n) for n in counts],
         }
         self.history.append({"round": server_round, **facts})
+        self.server_metrics = facts  # into the round's train row of metrics.jsonl
         log.info("swarm round %d: %s", server_round, facts)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         for key, value in facts.items():

@@ -47,9 +47,10 @@ def test_swarm_runs_through_the_engine(tmp_path: Path):
     test = result.scope("global-test")
     assert test[-1]["accuracy"] > test[0]["accuracy"] + 0.3
 
-    # the consensus facts of every round are in the run's log
+    # the consensus facts of every round are in the run's log and in its train rows
     facts = [ast.literal_eval(m) for m in re.findall(r"swarm round \d+: (\{.*\})", (result.run_dir / "run.log").read_text())]
     assert len(facts) == 2
+    assert [{k: r[k] for k in f} for r, f in zip(train, facts)] == facts
     for f in facts:
         assert 0 <= f["swarm_steps"] <= 10 and 0 <= f["swarm_agreement"] <= 1
         assert len(f["swarm_weights"]) == 2 and sum(f["swarm_weights"]) == pytest.approx(1.0)

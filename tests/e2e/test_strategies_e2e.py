@@ -10,17 +10,9 @@ import pytest
 
 import fedens
 from fedens.scenario import ScenarioError, load_scenario
+from tests.e2e.test_federated_run import TINY  # the same tiny scenario as the FedAvg run
 
 pytestmark = pytest.mark.e2e
-
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "rounds": 2,
-    "data": {"dataset": "digits", "num_clients": 3, "partition": {"kind": "dirichlet", "alpha": 1.0}},
-    "model": {"kind": "mlp", "hidden": [32]},
-    "train": {"local_epochs": 2, "lr": 0.1},
-}
 
 
 def check_run(result: fedens.RunResult) -> None:

@@ -241,7 +241,8 @@ class SwarmStrategy(FedensStrategy):
         if not valid:
             return None, None
         nodes = [m.metadata.src_node_id for m in valid]
-        pids = [self.partition(n) for n in nodes]
+        # partition ids from the FedensGrid mapping the base keeps (node ids under a plain grid)
+        pids = [self._partition_of.get(n, n) for n in nodes]
         self.reply_partitions = pids
         records = [next(iter(m.content.array_records.values())) for m in valid]
         candidates: list[Arrays] = []  # row (pid, member), partition then member order
@@ -279,10 +280,6 @@ class SwarmStrategy(FedensStrategy):
         for key, value in facts.items():
             metrics[key] = value
         return to_record(ensemble), metrics
-
-    def partition(self, node_id: int) -> int:
-        """A node's partition id (FedensGrid knows it; a plain Flower grid: the node id)."""
-        return int(getattr(self.grid, "partition_of", {}).get(node_id, node_id))
 
     def score(
         self, nodes: list[int], pids: list[int], records: list[ArrayRecord], labels: list[tuple[int, int]]

@@ -1,0 +1,1 @@
+"""Decentralized (gossip) learning: communication graphs, the message mailbox and node rules."""

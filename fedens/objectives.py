@@ -16,6 +16,7 @@ sampled; this is what the papers' algorithms do under partial participation.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,12 @@ class Objective:
     def reply_arrays(self) -> Arrays:
         """Extra arrays the client sends back with its trained ones (default: none)."""
         return {}
+
+    def ivon_setup(self, names: list[str], num_examples: int) -> IVONSetup | None:
+        """For a learner that trains with IVON: the prior, Lagrangian terms and starting
+        posterior to train under instead of a loss penalty (``names`` = the network's parameter
+        names in order). Default: ``None``, plain IVON."""
+        return None
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
@@ -252,6 +259,80 @@ def diag_ggn(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64) -> dic
             pj = prob.view(*prob.shape, *([1] * (j.ndim - 2)))
             out[k] += (pj * j**2).sum((0, 1)) - ((pj * j).sum(1) ** 2).sum(0)
     model.train(was_training)
+    return out
+
+
+@dataclass(frozen=True)
+class IVONSetup:
+    """How an IVON learner trains under IVON-ADMM (``fedens.optim.ivon_prior.IVONPrior``); flat
+    float32 tensors ``(num_params,)`` in the network's parameter order."""
+
+    ess: float  # λ_k = (N_k / τ) / ρ_s
+    prior_mean: torch.Tensor  # m_g
+    prior_precision: torch.Tensor  # S_g (δ = S_g / λ_k)
+    v_tilde: torch.Tensor  # v_k / (N_k / τ)
+    V_tilde: torch.Tensor  # V_k / (N_k / τ)
+    start_at_prior: bool  # posterior ← (m_g, S_g); False: the mean m_g with hess = hess_init
+    rescale_lr: bool
+
+
+@OBJECTIVES.register("ivon_admm")
+class IvonAdmm(Objective):
+    """IVON-ADMM (``FedIVON``; Möllenhoff, Swaroop, Doshi-Velez, Khan, "Federated ADMM from
+    Bayesian Duality", arXiv 2506.13150), client side. The client runs IVON with
+
+    - ess ``λ_k = (N_k/τ)/ρ_s``; prior = the global posterior ``N(m_g, diag(1/S_g))``;
+    - the Lagrangian ``−ṽᵀθ + ½θᵀṼθ`` with ``ṽ = v_k/(N_k/τ)``, ``Ṽ = V_k/(N_k/τ)`` (its gradient
+      enters the mean step, Ṽ the Hessian update: ``fedens.optim.ivon_prior``);
+    - the posterior started at the global (from round 2 on; in round 1 the mean is the initial
+      network and ``hess = hess_init``, as the reference code, whose clients only get the global
+      posterior after the first round).
+
+    After training, with ``(m_k, S_k)`` the client's posterior and ``d`` the damping, the dual
+    step ``ivon_admm_dual_update``: ``v_k += d ρ_s (S_g m_g − S_k m_k)``, ``V_k += d ρ_s (S_g − S_k)``,
+    which the server repeats with the same numbers. No loss penalty: ``penalty`` is 0.
+    Config: ``rho`` (ρ_s), ``tau`` (τ), ``damping`` (d), ``first`` (1 in round 1),
+    ``rescale_lr`` (0/1). State: ``dual_mean.<n>`` (v_k), ``dual_prec.<n>`` (V_k), float64."""
+
+    def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
+
+    def ivon_setup(self, names: list[str], num_examples: int) -> IVONSetup:
+        scale = num_examples / float(self.config["tau"])  # N_k / τ
+
+        def flat(prefix: str, source: Mapping[str, np.ndarray]) -> torch.Tensor:
+            parts = [np.asarray(source.get(f"{prefix}{n}", np.zeros_like(self.global_arrays[f"mean.{n}"])),
+                                dtype=np.float64).ravel() for n in names]
+            return torch.as_tensor(np.concatenate(parts), dtype=torch.float32, device=self.device)
+
+        return IVONSetup(
+            ess=scale / float(self.config["rho"]),
+            prior_mean=flat("mean.", self.global_arrays),
+            prior_precision=flat("precision.", self.global_arrays),
+            v_tilde=flat("dual_mean.", self.state) / scale,
+            V_tilde=flat("dual_prec.", self.state) / scale,
+            start_at_prior=not int(self.config.get("first", 0)),
+            rescale_lr=bool(int(self.config.get("rescale_lr", 1))),
+        )
+
+    def after_fit(self, trained: Arrays) -> Arrays:
+        step = float(self.config["damping"]) * float(self.config["rho"])
+        return ivon_admm_dual_update(self.state, trained, self.global_arrays, step)
+
+
+def ivon_admm_dual_update(state: Arrays, trained: Arrays, global_arrays: Arrays, step: float) -> Arrays:
+    """IVON-ADMM's dual step, element-wise, ``step = d ρ_s``: ``v_k += step (S_g m_g − S_k m_k)``,
+    ``V_k += step (S_g − S_k)``. ``trained`` / ``global_arrays`` hold ``mean.<n>`` and
+    ``precision.<n>``; ``state`` ``dual_mean.<n>`` and ``dual_prec.<n>`` (missing = 0)."""
+    out = {}
+    for key, m_g in global_arrays.items():
+        if not key.startswith("mean."):
+            continue
+        n = key[5:]
+        s_g, m_g = global_arrays[f"precision.{n}"].astype(np.float64), m_g.astype(np.float64)
+        s_k, m_k = trained[f"precision.{n}"].astype(np.float64), trained[key].astype(np.float64)
+        out[f"dual_mean.{n}"] = state.get(f"dual_mean.{n}", 0.0) + step * (s_g * m_g - s_k * m_k)
+        out[f"dual_prec.{n}"] = state.get(f"dual_prec.{n}", 0.0) + step * (s_g - s_k)
     return out
 
 

@@ -60,6 +60,8 @@ from torch import nn
 from fedens.data import ArrayDataset
 from fedens.learners import LEARNERS
 from fedens.learners.base import Learner, minibatches
+from fedens.objectives import IVONSetup
+from fedens.optim.ivon_prior import IVONPrior
 from fedens.scenario import TrainConfig
 
 
@@ -100,6 +102,19 @@ class IVONLearner(Learner):
             opt.param_groups[0]["hess"] = hess
         return opt
 
+    def _prior_optimizer(self, setup: IVONSetup) -> IVONPrior:
+        """``IVONPrior`` with the prior N(m_g, 1/S_g), the Lagrangian terms and, from round 2 on,
+        the posterior started at the global one (``fedens.objectives.IvonAdmm``)."""
+        o = self.options
+        opt = IVONPrior(self.model.parameters(), lr=o.lr, ess=setup.ess, hess_init=o.hess_init, beta1=o.beta1,
+                        beta2=o.beta2, weight_decay=o.weight_decay, mc_samples=o.mc_train, clip_radius=o.clip_radius,
+                        rescale_lr=setup.rescale_lr)
+        opt.set_prior(setup.prior_mean, precision=setup.prior_precision)
+        opt.set_lagrangian(setup.v_tilde, setup.V_tilde)
+        if setup.start_at_prior:
+            opt.set_posterior(setup.prior_mean, setup.prior_precision)
+        return opt
+
     @property
     def precision(self) -> torch.Tensor:
         """The flat posterior precision ``ess * (hess + weight_decay)``, ``(num_params,)``."""
@@ -107,12 +122,16 @@ class IVONLearner(Learner):
         return group["ess"] * (group["hess"] + group["weight_decay"])
 
     def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
-        ess = self.options.ess or float(len(data))
-        if self.options.ess is None and server_round == 1:
-            hess = None  # the received precision is a placeholder: start at hess_init
+        setup = self.objective.ivon_setup([n for n, _ in self.model.named_parameters()], len(data)) if self.objective else None
+        if setup is not None:  # IVON-ADMM: train under the global posterior as prior, plus the duals
+            self.opt = self._prior_optimizer(setup)
         else:
-            hess = self._hess_from_precision(self.precision, ess)
-        self.opt = self._optimizer(ess, hess)  # fresh momentum and step count; the posterior carries over
+            ess = self.options.ess or float(len(data))
+            if self.options.ess is None and server_round == 1:
+                hess = None  # the received precision is a placeholder: start at hess_init
+            else:
+                hess = self._hess_from_precision(self.precision, ess)
+            self.opt = self._optimizer(ess, hess)  # fresh momentum and step count; the posterior carries over
         self._imported = None
         self.model.train()
         total, count = 0.0, 0

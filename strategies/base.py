@@ -6,10 +6,11 @@ partition-id order, errors already dropped) and their weights, and returns the n
 arrays. Helpers split arrays by the naming rule of ``fedens.payload``: shared parts,
 ``member.{k}.*``, ``mean.*`` / ``precision.*``.
 
-Two optional hooks:
+Three optional hooks:
 - ``bind(ctx)`` — called by the fedens ServerApp before the first round with a ``ServerContext``
   (the scenario, the server's data, a learner factory), for strategies that compute on the
   server (distillation, validation).
+- ``outgoing(server_round, arrays)`` — what the clients get, if not the global arrays themselves.
 - ``train_config(server_round)`` — extra values for the train messages' ConfigRecord (e.g. a
   proximal coefficient the client-side objective reads).
 
@@ -72,13 +73,21 @@ class FedensStrategy(FedAvg):
     def train_config(self, server_round: int) -> dict[str, Any]:
         return {}
 
+    def outgoing(self, server_round: int, arrays: Arrays) -> Arrays:
+        """The arrays the clients get this round, from the current global ones (default: the
+        same object). A strategy may send clients something other than what it evaluates."""
+        return arrays
+
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         """Default: the weighted average (FedAvg). ``weights`` ``(K,)`` sum to 1."""
         return weighted_average(arrays, weights)
 
     # ------------------------------------------------------------------ Flower plumbing
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.global_arrays = from_record(arrays)
+        current = from_record(arrays)
+        self.global_arrays = self.outgoing(server_round, current)
+        if self.global_arrays is not current:
+            arrays = to_record(self.global_arrays)
         self._partition_of = getattr(grid, "partition_of", {})
         for key, value in self.train_config(server_round).items():
             config[key] = value

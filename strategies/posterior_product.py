@@ -32,6 +32,16 @@ Params (scenario ``strategy.params``):
   precision-weighted mean sum_k s_k m_k / sum_k s_k (dividing by the tiny floor instead would send
   the mean to +-1e8 and wreck the network). Exact client posteriors never trigger it.
 
+Multi-round use (``prior: fixed``): a client that imports the global posterior ``S_g`` as its
+starting point returns ``s_k ≈ S_g + (its new evidence)``, so the product would count the global
+K times and ``S_g`` would grow K-fold every round (it overflowed to NaN within 20 rounds of 20
+clients). So from round 2 on the strategy sends the clients the global posterior with its
+precision split evenly over the K clients of the last round, ``S_g / K`` (a fractional prior,
+as in power EP): then ``sum_k s_k ≈ S_g + sum_k (new evidence)`` and the mean update is the
+precision-weighted average of the clients' moves, not their sum. The server's own global
+posterior (evaluated, checkpointed) keeps the full ``S_g``. ``split_global: false`` turns this
+off (one-shot aggregation, or exact-posterior clients that use the global as a prior).
+
 Decisions: non-posterior arrays (buffers) are the plain weighted average; the FedAvg weights are
 not used by the product itself (each client's data enters through its likelihood, i.e. s_k); math
 in float64, cast back to the arrays' dtype.
@@ -74,7 +84,8 @@ class PosteriorProduct(FedensStrategy):
 
     supported_learners = ("ivon",)
 
-    def __init__(self, prior: str = "fixed", prior_precision: float = 0.01, min_precision: float = 1e-8, **fedavg_kwargs: Any) -> None:
+    def __init__(self, prior: str = "fixed", prior_precision: float = 0.01, min_precision: float = 1e-8,
+                 split_global: bool = True, **fedavg_kwargs: Any) -> None:
         if prior not in PRIORS:
             raise ValueError(f"posterior_product: prior must be one of {', '.join(PRIORS)}, got {prior!r}")
         for key, value in (("prior_precision", prior_precision), ("min_precision", min_precision)):
@@ -82,6 +93,14 @@ class PosteriorProduct(FedensStrategy):
                 raise ValueError(f"posterior_product: {key} must be a finite number > 0, got {value!r}")
         super().__init__(**fedavg_kwargs)
         self.prior, self.prior_precision, self.min_precision = prior, float(prior_precision), float(min_precision)
+        self.split_global = bool(split_global) and prior == "fixed"
+        self.last_k = 0  # clients merged in the last round: the global's precision is split over them
+
+    def outgoing(self, server_round: int, arrays: Arrays) -> Arrays:
+        if not (self.split_global and self.last_k > 1):
+            return arrays
+        # module docstring: the clients start from a fractional prior S_g / K
+        return {k: (v / self.last_k).astype(v.dtype) if k.startswith("precision.") else v for k, v in arrays.items()}
 
     def _prior(self, name: str) -> tuple[np.ndarray | float, np.ndarray | float]:
         if self.prior == "fixed":
@@ -93,6 +112,7 @@ class PosteriorProduct(FedensStrategy):
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         parts = [split_posterior(a) for a in arrays]
+        self.last_k = len(arrays)
         means0, precs0, rest0 = parts[0]
         if not means0 or set(means0) != set(precs0):
             raise ValueError("posterior_product: clients must send mean.<n> and precision.<n> for the same names")

@@ -161,3 +161,20 @@ def test_bad_params_rejected(cls, kwargs):
 def test_missing_precision_rejected():
     with pytest.raises(ValueError, match="precision"):
         PosteriorAveraging().aggregate_arrays(1, [{"mean.0.weight": np.ones(2)}] * 2, HALF)
+
+
+def test_posterior_product_sends_clients_the_global_split_over_k():
+    """From round 2 on the clients start from S_g / K (a fractional prior), so that the product
+    does not count the global K times; the strategy's own global keeps S_g."""
+    strat = PosteriorProduct()
+    first = posterior([1.0], [8.0])
+    assert strat.outgoing(1, first) is first  # nothing merged yet
+    strat.global_arrays = {}
+    new = strat.aggregate_arrays(1, [posterior([1.0], [4.0]), posterior([3.0], [6.0])], np.array([0.5, 0.5]))
+    # S_g = 4 + 6 - 1 * 0.01; the clients get half of it
+    assert new["precision.0.weight"] == pytest.approx([9.99])
+    sent = strat.outgoing(2, new)
+    assert sent["precision.0.weight"] == pytest.approx([9.99 / 2]) and sent["mean.0.weight"] is new["mean.0.weight"]
+    off = PosteriorProduct(split_global=False)
+    off.aggregate_arrays(1, [posterior([1.0], [4.0]), posterior([3.0], [6.0])], np.array([0.5, 0.5]))
+    assert off.outgoing(2, new) is new

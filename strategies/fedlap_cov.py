@@ -14,7 +14,12 @@ a client returns ``w_k`` plus ``hess.<name>`` = H_k, and the server repeats the 
 step with the same numbers (both keep v_k, V_k: the client in ``context.state``, the server by
 partition id). On a quadratic with diagonal Hessian and ``rho = 1`` the first round already
 lands on the pooled MAP (Newton-like one-step convergence, tested).
-Defaults: ``delta`` 1.0, ``rho`` 1.0.
+Defaults: ``delta`` 1.0, ``rho`` 0.1 (the paper's CIFAR-10 baseline config; MNIST uses 0.01).
+With ``rho = 1`` the site precisions jump to the full GGN in round 1, and a small client's
+proximal curvature ``(S_g - V_k)/N_k`` (about ``N/N_k`` times the per-example Hessian) exceeds
+what SGD with lr 0.1 (or Adam with lr 1e-3) can take: measured on digits, 20 clients,
+Dirichlet 0.1 (clients of 10 to ~200 examples), accuracy 0.59 after round 1, then NaN / 0.10
+from round 3 on; with ``rho = 0.1`` 0.855 after round 5 and 0.889 after round 10.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def fedlap_cov_server_step(sites: dict[int, Arrays], template: Arrays, delta: fl
 class FedLapCov(FedensStrategy):
     supported_learners = ("single",)
 
-    def __init__(self, delta: float = 1.0, rho: float = 1.0, **fedavg_kwargs: Any) -> None:
+    def __init__(self, delta: float = 1.0, rho: float = 0.1, **fedavg_kwargs: Any) -> None:
         if delta <= 0 or not 0 < rho <= 1:
             raise ValueError("need delta > 0 and 0 < rho <= 1")
         super().__init__(**fedavg_kwargs)

@@ -28,7 +28,9 @@ Every round, after local training:
    then the lower row (lower partition id, then lower member index).
 4. Ensemble. The agreed top-``k`` (if the nodes did not agree within T steps: the top-k of the
    final confidence-weighted mean belief) with weights ∝ that mean belief, normalised to 1.
-5. Metrics. ``swarm_steps``, ``swarm_agreement`` (share of nodes whose final top-k set is the
+5. Metrics. ``client_test_accuracy`` (each client's trained model on the server's test set, a
+   measurement the consensus never sees), its max ``best_client_test_accuracy`` and
+   ``best_member_test_accuracy``, ``swarm_steps``, ``swarm_agreement`` (share of nodes whose final top-k set is the
    ensemble's), ``swarm_weights``, the members' partition ids and member indices, and the slot
    counts, in the MetricRecord of ``aggregate_train`` (the run log), in ``self.history``, and in the round's
    ``train`` row of metrics.jsonl (``server_metrics``).
@@ -75,9 +77,11 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedens.learners.base import predict_dataset
 from fedens.payload import from_record, to_record
 from strategies import STRATEGIES
 from strategies.base import Arrays, FedensStrategy, ServerContext, split_members
@@ -273,6 +277,8 @@ class SwarmStrategy(FedensStrategy):
             "swarm_member_index": [int(labels[i][1]) for i in members],
             "swarm_slots": [int(n) for n in counts],
         }
+        if self.ctx is not None:  # measurement only: does the ensemble beat every client's own model?
+            facts.update(self.client_test_accuracy(records))
         self.history.append({"round": server_round, **facts})
         self.server_metrics = facts  # into the round's train row of metrics.jsonl
         log.info("swarm round %d: %s", server_round, facts)
@@ -280,6 +286,21 @@ class SwarmStrategy(FedensStrategy):
         for key, value in facts.items():
             metrics[key] = value
         return to_record(ensemble), metrics
+
+    def client_test_accuracy(self, records: list[ArrayRecord]) -> dict[str, Any]:
+        """Test accuracy of every client's trained model (its whole P-member ensemble) and of its
+        best single member, on the server's test set: the single-client models the agreed
+        ensemble is to beat (METHODS 3). A measurement; the consensus never sees the test set."""
+        learner, test = self.ctx.new_learner(), self.ctx.data.test
+        labels = torch.from_numpy(test.y)
+        client, member = [], []
+        for record in records:
+            learner.set_arrays(from_record(record))
+            probs = predict_dataset(learner, test)  # (P, n, classes)
+            client.append(float((probs.mean(0).argmax(1) == labels).double().mean()))
+            member.append(float((probs.argmax(2) == labels).double().mean(1).max()))
+        return {"client_test_accuracy": client, "best_client_test_accuracy": max(client),
+                "best_member_test_accuracy": max(member)}
 
     def score(
         self, nodes: list[int], pids: list[int], records: list[ArrayRecord], labels: list[tuple[int, int]]

@@ -55,3 +55,6 @@ def test_swarm_runs_through_the_engine(tmp_path: Path):
         assert 0 <= f["swarm_steps"] <= 10 and 0 <= f["swarm_agreement"] <= 1
         assert len(f["swarm_weights"]) == 2 and sum(f["swarm_weights"]) == pytest.approx(1.0)
         assert sum(f["swarm_slots"]) == 3 and set(f["swarm_member_partitions"]) <= {0, 1, 2}
+        # every client's own model measured on the test set, for "ensemble vs every client"
+        assert len(f["client_test_accuracy"]) == 3 and f["best_client_test_accuracy"] == max(f["client_test_accuracy"])
+        assert 0 < f["best_member_test_accuracy"] <= 1

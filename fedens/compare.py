@@ -20,13 +20,47 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedens.scenario import Scenario, ScenarioError, _first_error, _read_yaml, load_scenario
 
 COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc")
+
+
+HIGHER_IS_BETTER = {"accuracy", "ood_auroc"}
+
+
+class Target(BaseModel):
+    """A level of a test metric to reach: ``value``, or ``fraction`` of variant ``of``'s final
+    value (e.g. 90% of FedAvg's final accuracy). The table gets the first evaluated round at
+    which each variant reaches it (a metric where lower is better must fall to it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    metric: Literal["accuracy", "nll", "ece", "brier", "ood_auroc"] = "accuracy"
+    value: float | None = None
+    fraction: float | None = Field(None, gt=0)
+    of: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Target:
+        if (self.value is None) == (self.fraction is None or self.of is None):
+            raise ValueError("give either value, or fraction and of (a variant)")
+        return self
+
+    def level(self, finals: dict[str, dict[str, Any]]) -> float:
+        """The level to reach, from the variants' final test metrics."""
+        return float(self.value) if self.value is not None else self.fraction * float(finals[self.of][self.metric])
+
+    def label(self) -> str:
+        return f"{self.metric} {self.value}" if self.value is not None else f"{self.fraction:g} x {self.of}'s {self.metric}"
+
+
+def rounds_to(rows: list[dict[str, Any]], metric: str, level: float) -> int | None:
+    """The first round whose ``metric`` reaches ``level`` (>= if higher is better, else <=)."""
+    better = (lambda v: v >= level) if metric in HIGHER_IS_BETTER else (lambda v: v <= level)  # noqa: E731
+    return next((r["round"] for r in rows if r.get(metric) is not None and better(r[metric])), None)
 
 
 class Comparison(BaseModel):
@@ -35,6 +69,13 @@ class Comparison(BaseModel):
     base: str
     overrides: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    target: Target | None = None
+
+    @model_validator(mode="after")
+    def _target_of_a_variant(self) -> Comparison:
+        if self.target is not None and self.target.of is not None and self.target.of not in self.variants:
+            raise ValueError(f"target.of: {self.target.of!r} is not a variant")
+        return self
 
 
 def load_comparison(path: str | Path, extra: list[str] = ()) -> tuple[Comparison, dict[str, Scenario]]:
@@ -90,10 +131,15 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
             "variant": name,
             **{k: test.get(k) for k in COLUMNS},
             "shift_ece": result.final.get("global-shift", {}).get("ece"),
-            "client_bytes_per_round": sum(r["client_bytes_down"] + r["client_bytes_up"] for r in train) / max(len(train), 1),
+            "client_bytes_per_round": sum(r.get("client_bytes_down", 0) + r.get("client_bytes_up", 0) for r in train) / max(len(train), 1),
             "wall_time_s": result.summary["wall_time_s"],
         })
         curves[name] = result.scope("global-test")
+    if cmp.target is not None:
+        level = cmp.target.level({r["variant"]: r for r in table})
+        for row in table:
+            row["rounds_to_target"] = rounds_to(curves[row["variant"]], cmp.target.metric, level)
+            row["target"] = f"{cmp.target.label()} = {level:.4f}"
     (out / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     (out / "comparison.md").write_text(markdown_table(table), encoding="utf-8")
     plots.save(plots.comparison_figure(curves)[0], out / "comparison.png")
@@ -101,12 +147,18 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Final metrics per variant as a Markdown table (bytes in kB per client and round)."""
-    head = "| variant | accuracy | NLL | ECE | Brier | OOD AUROC | shift ECE | kB/client/round | wall s |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+    """Final metrics per variant as a Markdown table (bytes in kB per client and round); with a
+    target, a column of rounds to reach it ("-": not reached) and a line naming the target."""
+    target = rows[0].get("target") if rows else None
+    head = "| variant | accuracy | NLL | ECE | Brier | OOD AUROC | shift ECE | kB/client/round | wall s |"
+    head += " rounds to target |\n" if target else "\n"
+    head += "|---" * (10 if target else 9) + "|\n"
     fmt = lambda v, p=4: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
-    return head + "".join(
-        f"| {r['variant']} | {fmt(r['accuracy'])} | {fmt(r['nll'])} | {fmt(r['ece'])} | {fmt(r['brier'])} | "
-        f"{fmt(r['ood_auroc'], 3)} | {fmt(r['shift_ece'])} | {r['client_bytes_per_round'] / 1000:.1f} | {r['wall_time_s']:.1f} |\n"
-        for r in rows
-    )
+    lines = []
+    for r in rows:
+        line = (f"| {r['variant']} | {fmt(r['accuracy'])} | {fmt(r['nll'])} | {fmt(r['ece'])} | {fmt(r['brier'])} | "
+                f"{fmt(r['ood_auroc'], 3)} | {fmt(r['shift_ece'])} | {r['client_bytes_per_round'] / 1000:.1f} | {r['wall_time_s']:.1f} |")
+        if target:
+            line += f" {'-' if r['rounds_to_target'] is None else r['rounds_to_target']} |"
+        lines.append(line + "\n")
+    return head + "".join(lines) + (f"\nTarget: {target} (first evaluated round that reaches it).\n" if target else "")

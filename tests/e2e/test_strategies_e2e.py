@@ -1,4 +1,4 @@
-"""End-to-end runs of ``vca`` (single learner) and ``posterior_avg`` (ivon learner) through Flower's
+"""End-to-end runs of ``vca`` (single learner) and the posterior strategies (ivon learner) through Flower's
 simulation engine with Ray: 3 clients x 2 rounds of digits each. Also: a learner/strategy pair
 ``posterior_avg`` does not support is an invalid scenario."""
 
@@ -27,7 +27,10 @@ def check_run(result: fedens.RunResult) -> None:
 @pytest.mark.parametrize("strategy, learner", [
     ({"name": "vca", "params": {"target": "others"}}, {"kind": "single"}),
     ({"name": "posterior_avg", "params": {}}, {"kind": "ivon", "samples": 4}),
-], ids=["vca-single", "posterior_avg-ivon"])
+    ({"name": "posterior_product", "params": {}}, {"kind": "ivon", "samples": 4}),
+    ({"name": "uncertainty_merge", "params": {}}, {"kind": "ivon", "samples": 4}),
+    ({"name": "ivon_admm", "params": {}}, {"kind": "ivon", "samples": 4, "hess_init": 1.0}),
+], ids=["vca-single", "posterior_avg-ivon", "posterior_product-ivon", "uncertainty_merge-ivon", "ivon_admm-ivon"])
 def test_strategy_runs_end_to_end(strategy: dict, learner: dict, tmp_path: Path):
     result = fedens.run({**TINY, "name": strategy["name"], "strategy": strategy, "learner": learner}, out=tmp_path / "run")
     check_run(result)

@@ -226,6 +226,20 @@ class SwarmStrategy(FedensStrategy):
         self.slots = 0  # P, the learner's members
         self.history: list[dict[str, Any]] = []  # per round: steps, agreement, weights, members
 
+    @classmethod
+    def check_scenario(cls, scn: Any) -> str | None:
+        """No validation data to score on, or more agreed members than the pool has slots."""
+        from fedens.learners import resolve_learner
+
+        if scn.data.val_fraction <= 0:
+            return "data.val_fraction: strategy swarm scores models on the clients' validation splits: set it > 0"
+        options = resolve_learner(scn.learner.kind, scn.base_dir).Options(**scn.learner.options)
+        k = scn.strategy.params.get("k", 3)
+        members = getattr(options, "members", None)
+        if isinstance(k, int) and members is not None and k > members:
+            return f"strategy.params.k: {k} agreed members need learner.members >= {k} (it is {members})"
+        return None
+
     def bind(self, ctx: ServerContext) -> None:
         super().bind(ctx)
         if ctx.scenario.data.val_fraction <= 0:

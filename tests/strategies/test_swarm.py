@@ -119,3 +119,14 @@ def test_registered_with_defaults_and_checked_params():
         SwarmStrategy(score="f1")
     with pytest.raises(ValueError):
         SwarmStrategy(omega=-1)
+
+
+def test_k_above_the_pool_and_no_validation_data_are_invalid_scenarios():
+    from fedens.scenario import ScenarioError, load_scenario
+
+    base = {"learner": {"kind": "deep_ensemble", "members": 2}, "strategy": {"name": "swarm", "params": {"k": 3}}}
+    with pytest.raises(ScenarioError, match="strategy.params.k: 3 agreed members need learner.members >= 3"):
+        load_scenario(base)
+    with pytest.raises(ScenarioError, match="data.val_fraction"):
+        load_scenario({**base, "learner": {"kind": "deep_ensemble", "members": 3}, "data": {"val_fraction": 0.0}})
+    assert load_scenario({**base, "learner": {"kind": "deep_ensemble", "members": 3}})

@@ -60,8 +60,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     scn = load(args.scenario, args.overrides)
     preflight(scn)
+    how = (f"decentralized, {scn.topology.kind} graph, gossip rule {scn.gossip.rule}" if scn.mode == "decentralized"
+           else f"strategy {scn.strategy.name}")
     print(f"{args.scenario}: ok ({scn.name}: {scn.data.num_clients} clients, {scn.rounds} rounds, "
-          f"learner {scn.learner.kind}, strategy {scn.strategy.name})")
+          f"learner {scn.learner.kind}, {how})")
     return EXIT_OK
 
 

@@ -120,4 +120,29 @@ def make_client_app(scn: Scenario) -> ClientApp:
             scores[f"{key}.confidence"] = probs.max(2).values.double().mean(1).tolist()
         return Message(content=RecordDict({"scores": MetricRecord(scores)}), reply_to=msg)
 
+    @app.query("gossip")
+    def gossip(msg: Message, context: Context) -> Message:
+        """Decentralized mode: one round of this node (``fedens.decentralized.node``). The node
+        mixes the neighbours' models by its own rule, trains, keeps the result in
+        ``context.state`` and replies with it (which the server only forwards and measures)."""
+        from fedens.decentralized import node as gossip_node
+        from fedens.decentralized.rules import GossipContext, make_rule
+
+        torch.set_num_threads(max(1, int(scn.resources.num_cpus)))
+        pid = int(context.node_config["partition-id"])
+        data = load_client_data(scn.data, scn.seed, pid)
+        facts = load_server_data(scn.data, scn.seed)
+        learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+        inp = gossip_node.unpack_gossip(msg.content)
+        own = gossip_node.own_model(context.state, inp.init)
+        ctx = GossipContext(node=pid, scores=inp.scores, num_examples={**inp.sizes, pid: len(data.train)})
+        rule = make_rule(scn.gossip.rule, scn.gossip.params)
+        trained, metrics = gossip_node.gossip_step(
+            learner, rule, own, inp.received, ctx, data.train, data.val, scn.seed, message_round(msg),
+            scn.evaluate.n_bins, scn.evaluate.batch_size,
+        )
+        record = to_record(trained)
+        gossip_node.store(context.state, to_record(trained))  # its own copy: the reply is sent away
+        return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
     return app

@@ -22,7 +22,9 @@ import numpy as np
 
 from fedens.scenario import Scenario
 
-EVAL_SCOPES = ("global-test", "global-shift", "clients")
+# Decentralized mode adds nodes-val (the nodes' own validation splits) and gossip (consensus
+# distance, layer variance, mailbox counters); its global-test is the mean over the nodes' models.
+EVAL_SCOPES = ("global-test", "global-shift", "clients", "nodes-val", "gossip")
 
 
 def make_run_dir(scn: Scenario, out: str | Path | None = None) -> Path:
@@ -95,6 +97,9 @@ class RunRecorder:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         if any(r["scope"] == "global-test" for r in self.rows):
             plots.save(plots.convergence_figure(self.rows)[0], self.dir / "convergence.png")
+        if any(r["scope"] == "gossip" for r in self.rows):  # decentralized mode
+            plots.save(plots.nodes_figure(self.rows)[0], self.dir / "nodes.png")
+            plots.save(plots.layer_variance_figure(self.rows)[0], self.dir / "layer_variance.png")
         if self.reliability is not None:
             plots.save(plots.reliability_figure(self.reliability)[0], self.dir / "reliability.png")
         self.close()

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedens.decentralized.topology import RingTopology, TopologyConfig, TopologyError, check_topology
 from fedens.registry import PluginError
 
 
@@ -145,9 +146,27 @@ class OutputConfig(_Strict):
     checkpoint: bool = Field(True, description="save the global model after every evaluation")
 
 
+class GossipConfig(_Strict):
+    """The node rule and the asynchrony of decentralized mode (``mode: decentralized``).
+
+    See ``docs/decentralized.md`` and ``fedens.decentralized`` (rules, mailbox, engine)."""
+
+    rule: str = Field("average", description="a GOSSIP_RULES name: average | vca | swarm (or pkg.mod:Class)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the rule's options")
+    active_fraction: float = Field(1.0, gt=0, le=1, description="share of nodes that wake up each round")
+    drop_prob: float = Field(0.0, ge=0, le=1, description="each model copy lost with this probability")
+    delay: int = Field(0, ge=0, description="node i's messages travel d_i extra rounds, d_i uniform in 0..delay")
+    same_init: bool = Field(
+        False, description="all nodes start from one model (default: each from its own seeded random init)"
+    )
+
+
 class Scenario(_Strict):
     name: str = Field("scenario", min_length=1)
     seed: int = Field(0, ge=0)
+    mode: Literal["federated", "decentralized"] = Field(
+        "federated", description="decentralized: no global model; nodes gossip along `topology`"
+    )
     rounds: int = Field(20, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
@@ -160,6 +179,9 @@ class Scenario(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # decentralized mode only (``mode: decentralized``)
+    topology: TopologyConfig = Field(default_factory=RingTopology)
+    gossip: GossipConfig = Field(default_factory=GossipConfig)
     # Where the scenario came from: plug-in paths are resolved against its folder.
     source: str = Field("<scenario>", exclude=True)
 
@@ -343,6 +365,9 @@ def check_references(scn: Scenario) -> Scenario:
             f"{label}: data.partition.classes_per_client: must be <= the {num_classes} classes"
         )
 
+    if scn.mode == "decentralized":
+        return _check_decentralized(scn, params, learner_options)
+
     try:
         cls = resolve_strategy(scn.strategy.name, scn.base_dir)
     except PluginError as err:
@@ -369,6 +394,38 @@ def check_references(scn: Scenario) -> Scenario:
         "data": scn.data.model_copy(update={"params": params}),
         "strategy": scn.strategy.model_copy(update={"name": _absolute_ref(scn.strategy.name, scn.base_dir)}),
         "learner": LearnerConfig(kind=_absolute_ref(scn.learner.kind, scn.base_dir), **learner_options),
+    })
+
+
+def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_options: dict[str, Any]) -> Scenario:
+    """The decentralized part of ``check_references``: no strategy, a valid gossip rule, a
+    graph that can be built (connected unless allowed). Returns the scenario with the edges
+    file (if any) made absolute against the scenario's folder."""
+    from fedens.decentralized.rules import Swarm, make_rule
+
+    label = scn.source
+    if scn.strategy != StrategyConfig():
+        raise ScenarioError(f"{label}: strategy: not used in decentralized mode; use gossip.rule")
+    try:
+        rule = make_rule(scn.gossip.rule, scn.gossip.params)
+    except PluginError as err:
+        raise ScenarioError(f"{label}: gossip.rule: {err}") from None
+    except ValueError as err:
+        raise ScenarioError(f"{label}: gossip.params: {err}") from None
+    if isinstance(rule, Swarm) and scn.data.val_fraction <= 0:
+        raise ScenarioError(f"{label}: data.val_fraction: the swarm gossip rule scores models on the nodes' "
+                            "validation splits: must be > 0")
+    topology = scn.topology
+    if topology.kind == "edges":
+        topology = topology.model_copy(update={"file": _absolute(topology.file, scn.base_dir)})
+    try:
+        check_topology(topology, scn.data.num_clients, scn.seed)
+    except TopologyError as err:
+        raise ScenarioError(f"{label}: {err}") from None
+    return scn.model_copy(update={
+        "data": scn.data.model_copy(update={"params": data_params}),
+        "learner": LearnerConfig(kind=_absolute_ref(scn.learner.kind, scn.base_dir), **learner_options),
+        "topology": topology,
     })
 
 

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedens.data import ServerData, load_server_data
+from fedens.decentralized.engine import run_gossip
 from fedens.grid import FedensGrid, RoundTraffic
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
@@ -47,7 +48,7 @@ def make_server_app(scn: Scenario, recorder: RunRecorder, on_round: RoundCallbac
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_strategy(scn, grid, recorder, on_round)
+        (run_gossip if scn.mode == "decentralized" else run_strategy)(scn, grid, recorder, on_round)
 
     return app
 

@@ -13,7 +13,8 @@ A comparison file::
 Each variant runs as its own scenario (``base`` + ``overrides`` + the variant's dotted-key
 overrides) into ``OUT/<variant>/``; ``OUT`` gets ``comparison.md`` (a table of final metrics,
 bytes and wall time), ``comparison.json`` and ``comparison.png`` (accuracy, NLL and ECE against
-round, one line per variant). Every variant is validated before the first one runs.
+round, one line per variant), and for decentralized variants ``layer_variance.png`` (the nodes'
+weight variance against round). Every variant is validated before the first one runs.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
     cmp, scenarios = load_comparison(path, list(extra))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table, curves = [], {}
+    table, curves, all_rows = [], {}, {}
     for name, scn in scenarios.items():
         result = run(scn, out=out / name, verbose=verbose)
         test = result.final.get("global-test", {})
@@ -135,6 +136,7 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
             "wall_time_s": result.summary["wall_time_s"],
         })
         curves[name] = result.scope("global-test")
+        all_rows[name] = result.rows
     if cmp.target is not None:
         level = cmp.target.level({r["variant"]: r for r in table})
         for row in table:
@@ -143,6 +145,9 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
     (out / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     (out / "comparison.md").write_text(markdown_table(table), encoding="utf-8")
     plots.save(plots.comparison_figure(curves)[0], out / "comparison.png")
+    gossip = {name: rows for name, rows in all_rows.items() if any(r["scope"] == "gossip" for r in rows)}
+    if gossip:  # decentralized variants: weight variance against round, with and without correction
+        plots.save(plots.layer_variance_comparison_figure(gossip, per_layer=True)[0], out / "layer_variance.png")
     return table
 
 

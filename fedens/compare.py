@@ -64,6 +64,14 @@ def rounds_to(rows: list[dict[str, Any]], metric: str, level: float) -> int | No
     return next((r["round"] for r in rows if r.get(metric) is not None and better(r[metric])), None)
 
 
+def node_bytes(train_row: dict[str, Any]) -> float:
+    """Bytes one client (federated) or one active node (decentralized: the models it received
+    and the one it sent, through the router) moved in a round."""
+    if "client_bytes_down" in train_row:
+        return train_row["client_bytes_down"] + train_row["client_bytes_up"]
+    return (train_row.get("bytes_sent", 0) + train_row.get("bytes_received", 0)) / max(train_row.get("nodes_active", 1), 1)
+
+
 class Comparison(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = "comparison"
@@ -132,7 +140,7 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
             "variant": name,
             **{k: test.get(k) for k in COLUMNS},
             "shift_ece": result.final.get("global-shift", {}).get("ece"),
-            "client_bytes_per_round": sum(r.get("client_bytes_down", 0) + r.get("client_bytes_up", 0) for r in train) / max(len(train), 1),
+            "client_bytes_per_round": sum(node_bytes(r) for r in train) / max(len(train), 1),
             "wall_time_s": result.summary["wall_time_s"],
         })
         curves[name] = result.scope("global-test")

@@ -39,3 +39,11 @@ def test_table_has_the_target_column():
     table = markdown_table([row, {**row, "variant": "b", "rounds_to_target": None}])
     assert "| rounds to target |" in table and "| 7 |" in table and table.count("| - |") == 1
     assert "Target: accuracy 0.85 = 0.8500" in table
+
+
+def test_bytes_per_client_or_node():
+    from fedens.compare import node_bytes
+
+    assert node_bytes({"client_bytes_down": 300, "client_bytes_up": 100}) == 400
+    # a gossip round: 4 active nodes, 2 models in per node through the router, 1 out
+    assert node_bytes({"bytes_sent": 8000, "bytes_received": 4000, "nodes_active": 4}) == 3000

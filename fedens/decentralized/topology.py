@@ -32,13 +32,15 @@ graph is a draw conditioned on being connected.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import networkx as nx
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:  # matplotlib only to draw: the scenario schema imports this module everywhere
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MAX_DRAWS = 10  # connected redraws of a random kind before giving up
 
@@ -321,6 +323,8 @@ def plot_topology(
 ) -> tuple[Figure, Axes]:
     """Draw the graph adjacency (n, n); ``values`` (n,) (e.g. final per-node accuracy) colour
     the nodes, with a colorbar. Builds a bare ``Figure`` (no pyplot state, no screen needed)."""
+    from matplotlib.figure import Figure
+
     adj = np.asarray(adj, dtype=bool)
     g = nx.from_numpy_array(adj.astype(np.int8))
     pos = _layout(g, adj)

@@ -43,6 +43,11 @@ def test_digits():
     assert spec.input_shape(spec.Options()) == (1, 8, 8) and spec.num_classes(spec.Options()) == 10
     np.testing.assert_array_equal(np.unique(ds.y), np.arange(10))
     assert ds.x.min() == 0.0 and ds.x.max() == 1.0  # pixel counts 0..16, divided by 16
+    from sklearn.datasets import load_digits  # read from the file directly: the same arrays
+
+    ref = load_digits()
+    np.testing.assert_array_equal(ds.x[:, 0] * 16, ref.images)
+    np.testing.assert_array_equal(ds.y, ref.target)
     with pytest.raises(ValidationError):
         spec.Options.model_validate({"scale": 2})  # no options: unknown keys are errors
 

@@ -16,6 +16,9 @@ Decisions:
   weight_decay``, clamped at 0, i.e. an imported precision never falls below the prior precision
   ``ess * weight_decay`` (an average of client precisions scaled by other clients' data sizes
   can). ``weight_decay`` must be > 0 so every precision is positive.
+- Under IVON-ADMM (``strategies/ivon_admm.py``) the objective's ``ivon_setup`` replaces the
+  optimiser by ``fedens.optim.ivon_prior.IVONPrior`` with the global posterior as prior and the
+  dual terms; otherwise the package's ``ivon.IVON`` is used.
 - Only the posterior travels. IVON's momentum and step count are local and start afresh in
   every ``fit`` (every round), as a fresh optimiser would.
 - ``ess=None`` means the client's number of training examples, known only in ``fit``. Before

@@ -37,8 +37,10 @@ starting point returns ``s_k ≈ S_g + (its new evidence)``, so the product woul
 K times and ``S_g`` would grow K-fold every round (it overflowed to NaN within 20 rounds of 20
 clients). So from round 2 on the strategy sends the clients the global posterior with its
 precision split evenly over the K clients of the last round, ``S_g / K`` (a fractional prior,
-as in power EP): then ``sum_k s_k ≈ S_g + sum_k (new evidence)`` and the mean update is the
-precision-weighted average of the clients' moves, not their sum. The server's own global
+as in power EP): then ``sum_k s_k ≈ S_g + sum_k (new evidence)`` holds the global (and with it
+the prior) exactly once, so nothing is divided out, and the mean update is the
+precision-weighted average of the clients' moves, not their sum. If only K' < K clients reply,
+the K − K' missing shares ``(m_g, S_g/K)`` are multiplied in. The server's own global
 posterior (evaluated, checkpointed) keeps the full ``S_g``. ``split_global: false`` turns this
 off (one-shot aggregation, or exact-posterior clients that use the global as a prior).
 
@@ -61,19 +63,21 @@ PRIORS = ("fixed", "global")
 
 def posterior_product(
     means: list[np.ndarray], precisions: list[np.ndarray], prior_mean: np.ndarray | float, prior_precision: np.ndarray | float,
-    min_precision: float = 1e-8,
+    min_precision: float = 1e-8, prior_count: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(m_g, S_g)`` in float64 (module docstring). Where ``S_g <= min_precision`` it is set to
-    ``min_precision`` and the mean to the precision-weighted mean ``sum_k s_k m_k / sum_k s_k``."""
-    k = len(means)
+    """``(m_g, S_g)`` in float64 (module docstring): the product of the K posteriors with the
+    prior divided out ``prior_count`` times (default K - 1; negative multiplies it in). Where
+    ``S_g <= min_precision`` it is set to ``min_precision`` and the mean to the
+    precision-weighted mean ``sum_k s_k m_k / sum_k s_k``."""
+    count = len(means) - 1 if prior_count is None else prior_count
     s = [np.asarray(p, dtype=np.float64) for p in precisions]
     ms = [np.asarray(m, dtype=np.float64) for m in means]
     s0 = np.asarray(prior_precision, dtype=np.float64)
     m0 = np.asarray(prior_mean, dtype=np.float64)
-    raw = sum(s) - (k - 1) * s0
+    raw = sum(s) - count * s0
     floored = raw <= min_precision
     total = np.where(floored, min_precision, raw)
-    product_mean = (sum(sk * mk for sk, mk in zip(s, ms)) - (k - 1) * s0 * m0) / np.where(floored, 1.0, raw)
+    product_mean = (sum(sk * mk for sk, mk in zip(s, ms)) - count * s0 * m0) / np.where(floored, 1.0, raw)
     fallback = sum(sk * mk for sk, mk in zip(s, ms)) / np.maximum(sum(s), np.finfo(np.float64).tiny)
     mean = np.where(floored, fallback, product_mean)
     return mean, total
@@ -95,14 +99,19 @@ class PosteriorProduct(FedensStrategy):
         self.prior, self.prior_precision, self.min_precision = prior, float(prior_precision), float(min_precision)
         self.split_global = bool(split_global) and prior == "fixed"
         self.last_k = 0  # clients merged in the last round: the global's precision is split over them
+        self.split_k = 0  # the K the arrays sent this round were split over (0: not split)
 
     def outgoing(self, server_round: int, arrays: Arrays) -> Arrays:
-        if not (self.split_global and self.last_k > 1):
+        self.split_k = self.last_k if self.split_global and self.last_k > 1 else 0
+        if not self.split_k:
             return arrays
         # module docstring: the clients start from a fractional prior S_g / K
-        return {k: (v / self.last_k).astype(v.dtype) if k.startswith("precision.") else v for k, v in arrays.items()}
+        return {k: (v / self.split_k).astype(v.dtype) if k.startswith("precision.") else v for k, v in arrays.items()}
 
     def _prior(self, name: str) -> tuple[np.ndarray | float, np.ndarray | float]:
+        if self.split_k:  # each reply holds a share S_g / K of the global: the shares are the prior
+            g = self.global_arrays or {}
+            return g[f"mean.{name}"], g[f"precision.{name}"]
         if self.prior == "fixed":
             return 0.0, self.prior_precision
         g = self.global_arrays or {}
@@ -119,7 +128,10 @@ class PosteriorProduct(FedensStrategy):
         means, precs = {}, {}
         for n in means0:
             m0, s0 = self._prior(n)
-            m, s = posterior_product([p[0][n] for p in parts], [p[1][n] for p in parts], m0, s0, self.min_precision)
+            # With a split global the K replies hold the global once in all (power EP): its
+            # shares are not divided out; a client that did not reply is missing its share.
+            count = len(parts) - self.split_k if self.split_k else None
+            m, s = posterior_product([p[0][n] for p in parts], [p[1][n] for p in parts], m0, s0, self.min_precision, count)
             means[n], precs[n] = m.astype(means0[n].dtype), s.astype(precs0[n].dtype)
         rest = weighted_average([p[2] for p in parts], weights) if rest0 else {}
         return join_posterior(means, precs, rest)

@@ -178,3 +178,19 @@ def test_posterior_product_sends_clients_the_global_split_over_k():
     off = PosteriorProduct(split_global=False)
     off.aggregate_arrays(1, [posterior([1.0], [4.0]), posterior([3.0], [6.0])], np.array([0.5, 0.5]))
     assert off.outgoing(2, new) is new
+
+
+def test_posterior_product_with_a_split_global_multiplies_the_replies_once():
+    """Clients that started from S_g / K each hold one share of the global, so the product is
+    their plain natural-parameter sum; a client that did not reply is missing its share."""
+    strat = PosteriorProduct()
+    strat.aggregate_arrays(1, [posterior([0.0], [1.0]), posterior([0.0], [1.0])], np.array([0.5, 0.5]))
+    sent = strat.outgoing(2, posterior([1.0], [8.0]))  # global (1, 8) split over K = 2: shares (1, 4)
+    strat.global_arrays = sent
+    both = strat.aggregate_arrays(2, [posterior([2.0], [6.0]), posterior([4.0], [10.0])], np.array([0.5, 0.5]))
+    # S = 6 + 10 = 16; m = (12 + 40) / 16 = 3.25 (no prior divided out)
+    assert both["precision.0.weight"] == pytest.approx([16.0]) and both["mean.0.weight"] == pytest.approx([3.25])
+    strat.global_arrays = strat.outgoing(3, posterior([1.0], [8.0]))
+    one = strat.aggregate_arrays(3, [posterior([2.0], [6.0])], np.array([1.0]))
+    # the missing client's share (1, 4) multiplied in: S = 6 + 4 = 10; m = (12 + 4) / 10 = 1.6
+    assert one["precision.0.weight"] == pytest.approx([10.0]) and one["mean.0.weight"] == pytest.approx([1.6])

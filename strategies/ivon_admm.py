@@ -20,8 +20,8 @@ Decisions:
 - Partial participation: the means run over the clients that replied (K = their number in α),
   the dual sums over every client the server has seen (kept by partition id); an absent client's
   duals stay as they were. Full participation is the paper's setting.
-- ``S_g`` is floored at ``min_precision`` (default 1e-6) so that the mean stays finite; the
-  fixed point never needs it.
+- ``S_g`` is floored at ``min_precision`` (default 1e-6), and there the mean is the clients'
+  precision-weighted mean, so that it stays finite; the fixed point never needs it.
 - The step size is the reference's (``rescale_lr: false``): the mean moves by
   ``lr (g + δ(m − m_g) + Lagrangian) / (h + δ)``, a damped Newton step, stable for any prior
   strength ``δ = S_g/λ_k``. IVON's default ``rescale_lr`` multiplies it by ``hess_init + δ``; with
@@ -66,8 +66,12 @@ def ivon_admm_server_step(posteriors: list[Arrays], duals: list[Arrays], rho: fl
         sm_bar = np.mean([p[f"precision.{n}"].astype(np.float64) * p[key].astype(np.float64) for p in posteriors], 0)
         v_sum = sum((d[f"dual_mean.{n}"] for d in duals if f"dual_mean.{n}" in d), np.zeros_like(s_bar))
         V_sum = sum((d[f"dual_prec.{n}"] for d in duals if f"dual_prec.{n}" in d), np.zeros_like(s_bar))
-        s_g = np.maximum((1 - alpha) * s_bar + alpha * (prior_precision - V_sum), min_precision)
-        means[n], precisions[n] = ((1 - alpha) * sm_bar - alpha * v_sum) / s_g, s_g
+        raw = (1 - alpha) * s_bar + alpha * (prior_precision - V_sum)
+        floored = raw <= min_precision
+        # where floored, the clients' precision-weighted mean: dividing by the floor would send
+        # the mean to +-1e6 and wreck the network (as in posterior_product)
+        mean = np.where(floored, sm_bar / s_bar, ((1 - alpha) * sm_bar - alpha * v_sum) / np.where(floored, 1.0, raw))
+        means[n], precisions[n] = mean, np.where(floored, min_precision, raw)
     return means, precisions
 
 

@@ -107,3 +107,11 @@ def test_bad_params_rejected():
     cls = resolve_strategy("ivon_admm")
     with pytest.raises(ValueError, match="rho"):
         cls(rho=0)
+
+
+def test_floored_precision_keeps_the_clients_mean():
+    # V sum so large that S_g = 2/3 * 4 + 1/3 * (0.5 - 100) < 0: floored, mean = (Sm)_bar / S_bar = 10/4
+    posteriors = [post(1.0, 2.0), post(3.0, 6.0)]
+    duals = [{"dual_mean.w": np.array([5.0]), "dual_prec.w": np.array([100.0])}]
+    means, precs = ivon_admm_server_step(posteriors, duals, rho=1.0, prior_precision=0.5, min_precision=1e-6)
+    assert precs["w"] == pytest.approx([1e-6]) and means["w"] == pytest.approx([2.5])

@@ -46,13 +46,17 @@ class Target(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Target:
-        if (self.value is None) == (self.fraction is None or self.of is None):
+        relative = (self.fraction is not None, self.of is not None)
+        if (self.value is None) != (relative == (True, True)) or (self.value is not None and any(relative)):
             raise ValueError("give either value, or fraction and of (a variant)")
         return self
 
-    def level(self, finals: dict[str, dict[str, Any]]) -> float:
-        """The level to reach, from the variants' final test metrics."""
-        return float(self.value) if self.value is not None else self.fraction * float(finals[self.of][self.metric])
+    def level(self, finals: dict[str, dict[str, Any]]) -> float | None:
+        """The level to reach, from the variants' final test metrics (None: ``of`` has none)."""
+        if self.value is not None:
+            return float(self.value)
+        reference = finals[self.of].get(self.metric)
+        return None if reference is None else self.fraction * float(reference)
 
     def label(self) -> str:
         return f"{self.metric} {self.value}" if self.value is not None else f"{self.fraction:g} x {self.of}'s {self.metric}"
@@ -65,11 +69,14 @@ def rounds_to(rows: list[dict[str, Any]], metric: str, level: float) -> int | No
 
 
 def node_bytes(train_row: dict[str, Any]) -> float:
-    """Bytes one client (federated) or one active node (decentralized: the models it received
-    and the one it sent, through the router) moved in a round."""
+    """Bytes one client (federated: down + up) or one active node (decentralized) moved in a
+    round. A gossip node's traffic is its neighbours' models: every delivered copy
+    (``bytes_p2p``) is sent by one node and received by another, so it counts twice. Not
+    counted: initial models (a real node initialises itself) and swarm's validation messages
+    (a node scores the models it already holds)."""
     if "client_bytes_down" in train_row:
         return train_row["client_bytes_down"] + train_row["client_bytes_up"]
-    return (train_row.get("bytes_sent", 0) + train_row.get("bytes_received", 0)) / max(train_row.get("nodes_active", 1), 1)
+    return 2 * train_row.get("bytes_p2p", 0) / max(train_row.get("nodes_active", 1), 1)
 
 
 class Comparison(BaseModel):
@@ -148,8 +155,8 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
     if cmp.target is not None:
         level = cmp.target.level({r["variant"]: r for r in table})
         for row in table:
-            row["rounds_to_target"] = rounds_to(curves[row["variant"]], cmp.target.metric, level)
-            row["target"] = f"{cmp.target.label()} = {level:.4f}"
+            row["rounds_to_target"] = None if level is None else rounds_to(curves[row["variant"]], cmp.target.metric, level)
+            row["target"] = f"{cmp.target.label()} = " + ("n/a" if level is None else f"{level:.4f}")
     (out / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     (out / "comparison.md").write_text(markdown_table(table), encoding="utf-8")
     plots.save(plots.comparison_figure(curves)[0], out / "comparison.png")

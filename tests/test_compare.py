@@ -24,6 +24,9 @@ def test_target_relative_to_a_variant():
     assert Target(value=0.85).level({}) == 0.85
     with pytest.raises(ValueError):
         Target(fraction=0.9)  # neither a value nor a complete relative target
+    with pytest.raises(ValueError):
+        Target(value=0.8, fraction=0.5)  # both kinds at once
+    assert Target(metric="ood_auroc", fraction=0.9, of="a").level({"a": {"ood_auroc": None}}) is None
 
 
 def test_target_must_name_a_variant(write_yaml):
@@ -45,5 +48,5 @@ def test_bytes_per_client_or_node():
     from fedens.compare import node_bytes
 
     assert node_bytes({"client_bytes_down": 300, "client_bytes_up": 100}) == 400
-    # a gossip round: 4 active nodes, 2 models in per node through the router, 1 out
-    assert node_bytes({"bytes_sent": 8000, "bytes_received": 4000, "nodes_active": 4}) == 3000
+    # a gossip round: 4 active nodes on a ring, 8 copies of 1000 bytes delivered: 2 in and 2 out each
+    assert node_bytes({"bytes_sent": 9000, "bytes_received": 4000, "bytes_p2p": 8000, "nodes_active": 4}) == 4000

@@ -367,6 +367,9 @@ def check_references(scn: Scenario) -> Scenario:
 
     if scn.mode == "decentralized":
         return _check_decentralized(scn, params, learner_options)
+    for key, default in (("topology", RingTopology()), ("gossip", GossipConfig())):
+        if getattr(scn, key) != default:
+            raise ScenarioError(f"{label}: {key}: only used in decentralized mode (set mode: decentralized)")
 
     try:
         cls = resolve_strategy(scn.strategy.name, scn.base_dir)
@@ -406,6 +409,9 @@ def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_opt
     label = scn.source
     if scn.strategy != StrategyConfig():
         raise ScenarioError(f"{label}: strategy: not used in decentralized mode; use gossip.rule")
+    for key in ("fraction_train", "fraction_evaluate"):
+        if getattr(scn, key) != Scenario.model_fields[key].default:
+            raise ScenarioError(f"{label}: {key}: not used in decentralized mode; use gossip.active_fraction")
     try:
         rule = make_rule(scn.gossip.rule, scn.gossip.params)
     except PluginError as err:

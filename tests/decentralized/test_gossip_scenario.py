@@ -17,7 +17,7 @@ from fedens.decentralized.rules import GossipContext, make_rule
 from fedens.decentralized.topology import build_graph, neighbours
 from fedens.learners import build_learner
 from fedens.payload import to_record
-from fedens.scenario import ScenarioError
+from fedens.scenario import ScenarioError, load_scenario
 from fedens.seeding import seeded_generator
 from flwr.app import RecordDict
 
@@ -178,3 +178,14 @@ def test_node_step_mixes_before_training():
     learner.set_arrays(mixed)
     learner.fit(data.train, seeded_generator(0, 1, 0), 1)
     np.testing.assert_array_equal(out["1.weight"], learner.get_arrays()["1.weight"])
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"topology": {"kind": "regular", "k": 4}}, "topology: only used in decentralized mode"),
+    ({"gossip": {"rule": "vca"}}, "gossip: only used in decentralized mode"),
+    ({"mode": "decentralized", "fraction_train": 0.5}, "fraction_train: not used in decentralized mode"),
+    ({"mode": "decentralized", "fraction_evaluate": 0.5}, "fraction_evaluate: not used in decentralized mode"),
+])
+def test_sections_of_the_other_mode_are_errors(section: dict, message: str):
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(section)

@@ -186,6 +186,18 @@ def allocate_slots(weights: np.ndarray, slots: int) -> np.ndarray:
     return counts
 
 
+def fill_slots(candidates: list[Arrays], members: list[int], counts: np.ndarray) -> Arrays:
+    """A ``sum(counts)``-slot ensemble: member ``members[j]`` (an index into ``candidates``, each
+    one member's arrays) fills ``counts[j]`` consecutive slots ``member.{slot}.<name>``."""
+    ensemble: Arrays = {}
+    slot = 0
+    for i, n in zip(members, counts):
+        for _ in range(int(n)):
+            ensemble.update({f"member.{slot}.{name}": a for name, a in candidates[i].items()})
+            slot += 1
+    return ensemble
+
+
 def check_params(k: int, T: int, tau: float, omega: float, phi1: float, phi2: float) -> None:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -276,12 +288,7 @@ class SwarmStrategy(FedensStrategy):
             scores, confidence, self.k, self.T, self.tau, self.omega, self.phi1, self.phi2
         )
         counts = allocate_slots(weights, self.slots)
-        ensemble: Arrays = {}
-        slot = 0
-        for i, n in zip(members, counts):
-            for _ in range(n):
-                ensemble.update({f"member.{slot}.{name}": a for name, a in candidates[i].items()})
-                slot += 1
+        ensemble = fill_slots(candidates, members, counts)
 
         facts = {
             "swarm_steps": int(steps),

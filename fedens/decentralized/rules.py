@@ -72,16 +72,13 @@ import numpy as np
 
 from fedens.registry import Registry
 from strategies.base import split_members
-from strategies.swarm import allocate_slots, check_params, swarm_consensus
-from strategies.vca import is_corrected, tensor_var, variance_correct
+from strategies.swarm import allocate_slots, check_params, fill_slots, swarm_consensus
+from strategies.vca import TARGETS, is_corrected, tensor_var, variance_correct
 
 Arrays = dict[str, np.ndarray]
 Facts = dict[str, float]
 # validator node -> candidate node -> per member (score, confidence)
 Scores = Mapping[int, Mapping[int, Sequence[tuple[float, float]]]]
-
-TARGETS = ("others", "self", "conservative")
-
 
 @dataclass(frozen=True)
 class GossipContext:
@@ -320,12 +317,7 @@ class Swarm(GossipRule):
             facts["swarm_own_share"] = float(labels[best][0] == ctx.node)
             return _cast(_copy(cand[best]), own), facts
         counts = allocate_slots(weights, slots)
-        out: Arrays = {}
-        slot = 0
-        for i, n in zip(members, counts):
-            for _ in range(n):
-                out.update({f"member.{slot}.{name}": np.array(a, copy=True) for name, a in cand[i].items()})
-                slot += 1
+        out = {k: np.array(a, copy=True) for k, a in fill_slots(cand, members, counts).items()}
         chosen_nodes = sorted({labels[i][0] for i in members})
         if shared[ctx.node]:
             parts = [shared[j] for j in chosen_nodes]

@@ -34,11 +34,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
-import networkx as nx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-if TYPE_CHECKING:  # matplotlib only to draw: the scenario schema imports this module everywhere
+if TYPE_CHECKING:  # networkx and matplotlib only where used: the scenario schema imports this module everywhere
+    import networkx as nx
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -216,25 +216,41 @@ def _edges_file(cfg: EdgesTopology, n: int) -> np.ndarray:
     return _from_edges(n, edges)
 
 
+def _erdos_renyi(cfg: ErdosRenyiTopology, n: int, seed: int) -> np.ndarray:
+    # upper triangle of uniforms, mirrored: one vectorised draw instead of a loop over pairs
+    upper = np.triu(np.random.default_rng(seed).random((n, n)) < cfg.p, k=1)
+    return upper | upper.T
+
+
+def _regular(cfg: RegularTopology, n: int, seed: int) -> np.ndarray:
+    import networkx as nx  # only here: every process imports this module via the scenario schema
+
+    return _from_nx(nx.random_regular_graph(cfg.k, n, seed=seed), n)
+
+
+def _small_world(cfg: SmallWorldTopology, n: int, seed: int) -> np.ndarray:
+    import networkx as nx
+
+    return _from_nx(nx.watts_strogatz_graph(n, cfg.k, cfg.p, seed=seed), n)
+
+
+# kind -> (cfg, n, 32-bit seed) -> adjacency (n, n); the fixed kinds ignore the seed
+_DRAW = {
+    "complete": lambda cfg, n, seed: ~np.eye(n, dtype=bool),
+    "ring": lambda cfg, n, seed: _ring(n),
+    "torus": lambda cfg, n, seed: _torus(*torus_shape(cfg, n)),
+    "edges": lambda cfg, n, seed: _edges_file(cfg, n),
+    "erdos_renyi": _erdos_renyi,
+    "regular": _regular,
+    "small_world": _small_world,
+}
+
+
 def _draw(cfg: TopologyConfig, n: int, seed: int) -> np.ndarray:
     """One graph of kind cfg.kind from a 32-bit seed (the fixed kinds ignore it)."""
-    if cfg.kind == "complete":
-        return ~np.eye(n, dtype=bool)
-    if cfg.kind == "ring":
-        return _ring(n)
-    if cfg.kind == "torus":
-        return _torus(*torus_shape(cfg, n))
-    if cfg.kind == "edges":
-        return _edges_file(cfg, n)
-    if cfg.kind == "erdos_renyi":
-        # upper triangle of uniforms, mirrored: one vectorised draw instead of a loop over pairs
-        upper = np.triu(np.random.default_rng(seed).random((n, n)) < cfg.p, k=1)
-        return upper | upper.T
-    if cfg.kind == "regular":
-        return _from_nx(nx.random_regular_graph(cfg.k, n, seed=seed), n)
-    if cfg.kind == "small_world":
-        return _from_nx(nx.watts_strogatz_graph(n, cfg.k, cfg.p, seed=seed), n)
-    raise TopologyError(f"topology: unknown kind {cfg.kind!r}")
+    if cfg.kind not in _DRAW:
+        raise TopologyError(f"topology: unknown kind {cfg.kind!r}")
+    return _DRAW[cfg.kind](cfg, n, seed)
 
 
 def _check_params(cfg: TopologyConfig, n: int) -> None:
@@ -253,7 +269,20 @@ def _check_params(cfg: TopologyConfig, n: int) -> None:
 
 def num_components(adj: np.ndarray) -> int:
     """Connected components of adjacency (n, n), isolated nodes counting as one each."""
-    return nx.number_connected_components(nx.from_numpy_array(adj.astype(np.int8)))
+    adj = np.asarray(adj, dtype=bool)
+    seen = np.zeros(len(adj), dtype=bool)
+    count = 0
+    for start in range(len(adj)):  # breadth-first search from every node not yet reached
+        if seen[start]:
+            continue
+        count += 1
+        seen[start] = True
+        frontier = np.array([start])
+        while frontier.size:
+            reached = adj[frontier].any(0) & ~seen
+            seen |= reached
+            frontier = np.flatnonzero(reached)
+    return count
 
 
 def build_graph(cfg: TopologyConfig, num_nodes: int, seed: int, round: int = 0) -> np.ndarray:
@@ -304,6 +333,8 @@ def num_edges(adj: np.ndarray) -> int:
 def _layout(g: nx.Graph, adj: np.ndarray) -> dict[int, np.ndarray]:
     """Circle for a cycle (in cycle order), grid for an identity-labelled torus (its wraparound
     edges run along the rows and columns), else spring layout with a fixed seed."""
+    import networkx as nx
+
     n = len(adj)
     deg = adj.sum(1)
     if n >= 3 and (deg == 2).all() and nx.is_connected(g):
@@ -323,6 +354,7 @@ def plot_topology(
 ) -> tuple[Figure, Axes]:
     """Draw the graph adjacency (n, n); ``values`` (n,) (e.g. final per-node accuracy) colour
     the nodes, with a colorbar. Builds a bare ``Figure`` (no pyplot state, no screen needed)."""
+    import networkx as nx
     from matplotlib.figure import Figure
 
     adj = np.asarray(adj, dtype=bool)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +127,8 @@ def run(
     scn = prepare_learner(scn, run_dir)
     recorder = RunRecorder(run_dir, scn)
     try:
-        run_engine(make_server_app(scn, recorder, on_round), make_client_app(scn), scn, verbose)
+        with shared_data(scn):
+            run_engine(make_server_app(scn, recorder, on_round), make_client_app(scn), scn, verbose)
     except BaseException as err:  # record the failure, keep the finished rounds, re-raise
         message = _root_message(err)
         recorder.finish("failed", message)
@@ -133,6 +137,25 @@ def run(
         raise
     summary = recorder.finish("ok")
     return RunResult(scn, run_dir, recorder.rows, summary)
+
+
+@contextlib.contextmanager
+def shared_data(scn: Scenario) -> Iterator[None]:
+    """For the run: the driver's data build in a temporary folder that the Ray actors (started
+    inside, so they inherit ``SHARED_ENV``) read instead of building the same data again."""
+    from fedens.data.federated import SHARED_ENV, share_data
+
+    previous = os.environ.get(SHARED_ENV)
+    with tempfile.TemporaryDirectory(prefix="fedens-data-") as folder:
+        share_data(scn.data, scn.seed, folder)
+        os.environ[SHARED_ENV] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(SHARED_ENV, None)
+            else:
+                os.environ[SHARED_ENV] = previous
 
 
 def _root_message(err: BaseException) -> str:

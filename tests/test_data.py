@@ -283,3 +283,22 @@ def test_too_small_client_is_a_value_error():
     cfg = DataConfig(dataset="synthetic", params={"num_samples": 20}, num_clients=15, val_fraction=0.1)
     with pytest.raises(ValueError, match="^data.partition: client"):
         build_federated_data(cfg, 0)
+
+
+def test_shared_build_is_read_instead_of_rebuilt(tmp_path, monkeypatch):
+    """An actor started with FEDENS_SHARED_DATA reads the driver's build (the same arrays) and
+    does not build again; without the file it builds its own."""
+    from fedens.data import federated
+
+    cfg = DataConfig(num_clients=3)
+    path = federated.share_data(cfg, 5, tmp_path)
+    assert path.exists() and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setenv(federated.SHARED_ENV, str(tmp_path))
+    federated._build_cached.cache_clear()
+    monkeypatch.setattr(federated, "_build", lambda *a: pytest.fail("rebuilt although a shared build exists"))
+    shared = federated.build_federated_data(cfg, 5)
+    monkeypatch.undo()
+    federated._build_cached.cache_clear()
+    own = federated.build_federated_data(cfg, 5)
+    np.testing.assert_array_equal(shared.clients[2].train.x, own.clients[2].train.x)
+    np.testing.assert_array_equal(shared.server.test.y, own.server.test.y)

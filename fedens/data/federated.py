@@ -15,8 +15,12 @@ Same (config, seed) -> identical arrays; another seed -> another test split and 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -126,17 +130,48 @@ def _build(cfg: DataConfig, seed: int) -> FederatedData:
     return FederatedData(server, tuple(clients))
 
 
-# A deliberate per-process cache: every Ray actor process builds the data once and then serves
-# many messages (clients, rounds) from it. Keyed by the canonical JSON of the config and the
-# seed; the arrays are shared, so callers must not modify them in place.
+# Set by ``fedens.api.run`` for the duration of a run (and so inherited by the Ray workers it
+# starts): a folder holding the driver's build, which actors read instead of building again.
+SHARED_ENV = "FEDENS_SHARED_DATA"
+
+
+def _cfg_json(cfg: DataConfig) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+def _shared_path(folder: str | Path, cfg_json: str, seed: int) -> Path:
+    key = hashlib.sha256(f"{seed}:{cfg_json}".encode()).hexdigest()[:16]
+    return Path(folder) / f"data-{key}.pkl"
+
+
+# A deliberate per-process cache: every Ray actor process builds (or reads) the data once and
+# then serves many messages (clients, rounds) from it. Keyed by the canonical JSON of the config
+# and the seed; the arrays are shared, so callers must not modify them in place.
 @functools.lru_cache(maxsize=4)
 def _build_cached(cfg_json: str, seed: int) -> FederatedData:
+    folder = os.environ.get(SHARED_ENV)
+    if folder and _shared_path(folder, cfg_json, seed).exists():
+        # the driver's build: saves each actor the import of flwr-datasets and the partitioning
+        with open(_shared_path(folder, cfg_json, seed), "rb") as f:
+            return pickle.load(f)
     return _build(DataConfig.model_validate(json.loads(cfg_json)), seed)
 
 
 def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     """The federated data of ``cfg`` at ``seed``, built once per process (cached)."""
-    return _build_cached(json.dumps(cfg.model_dump(mode="json"), sort_keys=True), seed)
+    return _build_cached(_cfg_json(cfg), seed)
+
+
+def share_data(cfg: DataConfig, seed: int, folder: str | Path) -> Path:
+    """Write this process's build of ``cfg`` at ``seed`` into ``folder`` for processes that run
+    with ``SHARED_ENV=folder``; written to a temporary name and renamed, so readers never see a
+    partial file. A process that cannot see the folder (a remote Ray node) builds its own."""
+    path = _shared_path(folder, _cfg_json(cfg), seed)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(build_federated_data(cfg, seed), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return path
 
 
 def load_client_data(cfg: DataConfig, seed: int, partition_id: int) -> ClientData:

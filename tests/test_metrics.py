@@ -104,3 +104,35 @@ def test_ood_auroc_by_hand():
     assert ood_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.9])) == pytest.approx(1.0)
     assert ood_auroc(torch.tensor([0.5, 0.9]), torch.tensor([0.1, 0.2])) == pytest.approx(0.0)
     assert ood_auroc(torch.tensor([0.1, 0.6]), torch.tensor([0.5, 0.9])) == pytest.approx(0.75)
+
+
+def test_accuracy_ece_auroc_equal_torchmetrics():
+    """fedens computes these itself (torchmetrics costs ~2 s of imports per process); they must
+    be torchmetrics' numbers: accuracy and ECE bit for bit, AUROC to float32 rounding."""
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    from fedens.metrics import accuracy, ece, ood_auroc
+
+    g = torch.Generator().manual_seed(0)
+    for t in range(60):
+        n, c, bins = int(torch.randint(1, 400, (1,), generator=g)), int(torch.randint(2, 12, (1,), generator=g)), 2 + t % 15
+        probs = torch.softmax(8 * float(torch.rand(1, generator=g)) * torch.randn(n, c, generator=g, dtype=torch.float64), 1)
+        if t % 4 == 0:  # confidences of exactly 1 fall in a bin of their own
+            probs[: n // 3] = torch.nn.functional.one_hot(torch.randint(0, c, (n // 3,), generator=g), c).double()
+        labels = torch.randint(0, c, (n,), generator=g)
+        assert accuracy(probs, labels) == float(tm.multiclass_accuracy(probs, labels, num_classes=c, average="micro"))
+        assert ece(probs, labels, bins) == float(tm.multiclass_calibration_error(probs, labels, num_classes=c, n_bins=bins))
+        s_in = torch.rand(n, generator=g, dtype=torch.float64)
+        s_out = torch.rand(max(n // 2, 1), generator=g, dtype=torch.float64) + 0.3
+        if t % 3 == 0:  # ties
+            s_in, s_out = (s_in * 4).round() / 4, (s_out * 4).round() / 4
+        target = torch.cat([torch.zeros(len(s_in)), torch.ones(len(s_out))]).long()
+        assert ood_auroc(s_in, s_out) == pytest.approx(float(tm.binary_auroc(torch.cat([s_in, s_out]), target)), abs=1e-6)
+
+
+def test_auroc_by_hand():
+    from fedens.metrics import ood_auroc
+
+    # pairs (out, in): 3 > 1, 3 > 2, 2 == 2 (one half), 2 > 1 -> (1 + 1 + 0.5 + 1) / 4
+    assert ood_auroc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])) == pytest.approx(0.875)
+    assert ood_auroc(torch.tensor([0.0, 0.1]), torch.tensor([0.5, 0.9])) == 1.0
+    assert ood_auroc(torch.tensor([0.5, 0.9]), torch.tensor([0.0, 0.1])) == 0.0

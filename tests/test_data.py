@@ -285,20 +285,32 @@ def test_too_small_client_is_a_value_error():
         build_federated_data(cfg, 0)
 
 
-def test_shared_build_is_read_instead_of_rebuilt(tmp_path, monkeypatch):
-    """An actor started with FEDENS_SHARED_DATA reads the driver's build (the same arrays) and
-    does not build again; without the file it builds its own."""
+def test_installed_build_is_used_instead_of_rebuilt(monkeypatch):
+    """The engine installs the driver's build in each actor (shipped through Ray's object
+    store); a process with an installed build does not build again."""
     from fedens.data import federated
 
     cfg = DataConfig(num_clients=3)
-    path = federated.share_data(cfg, 5, tmp_path)
-    assert path.exists() and not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setenv(federated.SHARED_ENV, str(tmp_path))
-    federated._build_cached.cache_clear()
-    monkeypatch.setattr(federated, "_build", lambda *a: pytest.fail("rebuilt although a shared build exists"))
-    shared = federated.build_federated_data(cfg, 5)
-    monkeypatch.undo()
-    federated._build_cached.cache_clear()
-    own = federated.build_federated_data(cfg, 5)
-    np.testing.assert_array_equal(shared.clients[2].train.x, own.clients[2].train.x)
-    np.testing.assert_array_equal(shared.server.test.y, own.server.test.y)
+    own = federated._build(cfg, 5)
+    federated.install(cfg, 5, own)
+    monkeypatch.setattr(federated, "_build", lambda *a: pytest.fail("rebuilt although a build is installed"))
+    assert federated.build_federated_data(cfg, 5) is own and federated.is_installed(cfg, 5)
+
+
+def test_client_splits_pickle_small_and_equal():
+    """Clients are index arrays into one pool: pickling 1,000 clients costs a few arrays, and
+    the unpickled splits give the same examples (writable copies)."""
+    import pickle
+
+    cfg = DataConfig(dataset="synthetic", params={"num_samples": 20000, "num_features": 4}, num_clients=1000)
+    fd = federated._build(cfg, 0)
+    blob = pickle.dumps(fd, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(blob) < 20000 * 4 * 4 * 1.5 + 20000 * 8 * 3  # x, y and the two index arrays, no per-client overhead
+    back = pickle.loads(blob)
+    assert len(back.clients) == 1000
+    for i in (0, 417, 999):
+        np.testing.assert_array_equal(back.clients[i].train.x, fd.clients[i].train.x)
+        np.testing.assert_array_equal(back.clients[i].val.y, fd.clients[i].val.y)
+        assert back.clients[i].train.x.flags.writeable
+    with pytest.raises(IndexError):
+        fd.clients[1000]

@@ -81,3 +81,19 @@ def test_impossible_dirichlet_is_one_line_value_error():
 def test_more_clients_than_examples():
     with pytest.raises(ValueError, match="data.num_clients"):
         partition_indices(LABELS[:4], 5, IID, seed=0)
+
+
+@pytest.mark.parametrize("n,k", [(10, 3), (1797, 10), (100, 100), (1000, 7), (5003, 1000)])
+def test_iid_shards_are_flwr_datasets_iid_partitions(n, k):
+    """fedens cuts iid shards itself (flwr-datasets' per-partition Dataset.shard costs ~1 ms, so
+    100 s for 100,000 clients); they must be IidPartitioner's shards."""
+    import flwr_datasets.partitioner as P
+    from datasets import Dataset
+
+    from fedens.data.partition import iid_shards
+
+    order = np.random.default_rng(n).permutation(n)
+    ref = P.IidPartitioner(k)
+    ref.dataset = Dataset.from_dict({"idx": order, "label": np.zeros(n, np.int64)})
+    for i, shard in enumerate(iid_shards(order, k)):
+        np.testing.assert_array_equal(shard, np.sort(np.asarray(ref.load_partition(i)["idx"])))

@@ -14,13 +14,10 @@ Same (config, seed) -> identical arrays; another seed -> another test split and 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import os
-import pickle
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -54,10 +51,65 @@ class ServerData:
     ood: ArrayDataset
 
 
+class ClientSplits(Sequence[ClientData]):
+    """Every client's train and validation split as index arrays into one standardised pool.
+
+    ``clients[i]`` is a ``ClientData`` made on first access (the examples copied out of the
+    pool, so its arrays are writable even when the pool is a read-only buffer shared through
+    Ray's object store) and kept in a small cache. Stored this way, 100,000 clients cost four
+    index arrays instead of 400,000 small ones: cheap to pickle and to ship to every actor.
+
+    x : float32 ``(n, *input_shape)``, y : int64 ``(n,)`` (the whole standardised dataset)
+    train_index, val_index : int64 positions in x, client after client
+    train_offsets, val_offsets : int64 ``(num_clients + 1,)``; client i's examples are
+        ``index[offsets[i]:offsets[i + 1]]``
+    """
+
+    CACHE = 1024  # clients kept per process (an actor serves many clients over a run)
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, train: list[np.ndarray], val: list[np.ndarray]) -> None:
+        self.x, self.y = x, y
+        self.train_index, self.train_offsets = _csr(train)
+        self.val_index, self.val_offsets = _csr(val)
+        self._cache: OrderedDict[int, ClientData] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.train_offsets) - 1
+
+    def __getitem__(self, i: int) -> ClientData:  # type: ignore[override]
+        if not isinstance(i, (int, np.integer)) or not 0 <= i < len(self):
+            raise IndexError(f"client {i!r} out of range 0..{len(self) - 1}")
+        i = int(i)
+        if (hit := self._cache.get(i)) is not None:
+            self._cache.move_to_end(i)
+            return hit
+        tr = self.train_index[self.train_offsets[i] : self.train_offsets[i + 1]]
+        va = self.val_index[self.val_offsets[i] : self.val_offsets[i + 1]]
+        client = ClientData(train=ArrayDataset(self.x[tr], self.y[tr]), val=ArrayDataset(self.x[va], self.y[va]))
+        self._cache[i] = client
+        if len(self._cache) > self.CACHE:
+            self._cache.popitem(last=False)
+        return client
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache = OrderedDict()
+
+
+def _csr(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    index = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return index, offsets
+
+
 @dataclass(frozen=True)
 class FederatedData:
     server: ServerData
-    clients: tuple[ClientData, ...]
+    clients: ClientSplits
 
 
 def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -112,14 +164,15 @@ def _build(cfg: DataConfig, seed: int) -> FederatedData:
         keep, held = stratified_split(full.y[pool], cfg.server_fraction, np.random.default_rng([seed, 2]))
         pool, public = pool[keep], pool[held]
 
-    clients = []
+    train, val = [], []
     for i, part in enumerate(partition_indices(full.y[pool], cfg.num_clients, cfg.partition, seed)):
         idx = pool[part]
         try:
             tr, va = stratified_split(full.y[idx], cfg.val_fraction, np.random.default_rng([seed, 1, i]))
         except ValueError as err:
             raise ValueError(f"data.partition: client {i}: {err}; use fewer clients or a larger min_partition_size") from None
-        clients.append(ClientData(train=_take(data, idx[tr]), val=_take(data, idx[va])))
+        train.append(idx[tr])
+        val.append(idx[va])
 
     test_ds = _take(data, test)
     # Out-of-distribution inputs for the OOD AUROC: standard-normal noise in the standardised
@@ -127,51 +180,42 @@ def _build(cfg: DataConfig, seed: int) -> FederatedData:
     noise = np.random.default_rng([seed, 3]).standard_normal((len(test_ds), *shape)).astype(np.float32)
     ood = ArrayDataset(noise, np.zeros(len(test_ds), np.int64))
     server = ServerData(test_ds, shift_dataset(test_ds, cfg.shift.severity, seed), num_classes, shape, _take(data, public), ood)
-    return FederatedData(server, tuple(clients))
-
-
-# Set by ``fedens.api.run`` for the duration of a run (and so inherited by the Ray workers it
-# starts): a folder holding the driver's build, which actors read instead of building again.
-SHARED_ENV = "FEDENS_SHARED_DATA"
+    return FederatedData(server, ClientSplits(data.x, data.y, train, val))
 
 
 def _cfg_json(cfg: DataConfig) -> str:
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
 
 
-def _shared_path(folder: str | Path, cfg_json: str, seed: int) -> Path:
-    key = hashlib.sha256(f"{seed}:{cfg_json}".encode()).hexdigest()[:16]
-    return Path(folder) / f"data-{key}.pkl"
-
-
-# A deliberate per-process cache: every Ray actor process builds (or reads) the data once and
-# then serves many messages (clients, rounds) from it. Keyed by the canonical JSON of the config
-# and the seed; the arrays are shared, so callers must not modify them in place.
-@functools.lru_cache(maxsize=4)
-def _build_cached(cfg_json: str, seed: int) -> FederatedData:
-    folder = os.environ.get(SHARED_ENV)
-    if folder and _shared_path(folder, cfg_json, seed).exists():
-        # the driver's build: saves each actor the import of flwr-datasets and the partitioning
-        with open(_shared_path(folder, cfg_json, seed), "rb") as f:
-            return pickle.load(f)
-    return _build(DataConfig.model_validate(json.loads(cfg_json)), seed)
+# A deliberate per-process cache: every Ray actor process gets the data once (from the driver
+# through Ray's object store, see ``install``, or by building it) and then serves many messages
+# (clients, rounds) from it. Keyed by the canonical JSON of the config and the seed; the arrays
+# are shared, so callers must not modify them in place.
+_CACHE: OrderedDict[tuple[str, int], FederatedData] = OrderedDict()
+_CACHE_SIZE = 4
 
 
 def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     """The federated data of ``cfg`` at ``seed``, built once per process (cached)."""
-    return _build_cached(_cfg_json(cfg), seed)
+    key = (_cfg_json(cfg), seed)
+    if (hit := _CACHE.get(key)) is None:
+        hit = _build(cfg, seed)
+        install(cfg, seed, hit)
+    return hit
 
 
-def share_data(cfg: DataConfig, seed: int, folder: str | Path) -> Path:
-    """Write this process's build of ``cfg`` at ``seed`` into ``folder`` for processes that run
-    with ``SHARED_ENV=folder``; written to a temporary name and renamed, so readers never see a
-    partial file. A process that cannot see the folder (a remote Ray node) builds its own."""
-    path = _shared_path(folder, _cfg_json(cfg), seed)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(build_federated_data(cfg, seed), f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-    return path
+def install(cfg: DataConfig, seed: int, data: FederatedData) -> None:
+    """Make ``data`` this process's build of ``cfg`` at ``seed``: the engine installs the
+    driver's build in every actor instead of letting each one build the same data again."""
+    key = (_cfg_json(cfg), seed)
+    _CACHE[key] = data
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+
+
+def is_installed(cfg: DataConfig, seed: int) -> bool:
+    return (_cfg_json(cfg), seed) in _CACHE
 
 
 def load_client_data(cfg: DataConfig, seed: int, partition_id: int) -> ClientData:

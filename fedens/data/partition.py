@@ -19,7 +19,7 @@ from fedens.scenario import PartitionConfig
 # where P is ``flwr_datasets.partitioner``. It is imported on first use: importing flwr-datasets
 # takes seconds (it pulls in seaborn and scipy), which validating a scenario should not pay.
 PARTITIONERS: dict[str, Callable[[ModuleType, Any, int, int], Any]] = {
-    "iid": lambda P, c, n, seed: P.IidPartitioner(n),
+    "iid": lambda P, c, n, seed: P.IidPartitioner(n),  # used through iid_shards (the same shards)
     "dirichlet": lambda P, c, n, seed: P.DirichletPartitioner(
         n, partition_by="label", alpha=c.alpha, min_partition_size=c.min_partition_size,
         self_balancing=False, seed=seed,
@@ -40,9 +40,6 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionCon
     classes unused). Raises ``ValueError`` (one line) when the
     partitioning is impossible, e.g. Dirichlet cannot meet ``min_partition_size``.
     """
-    import flwr_datasets.partitioner as P
-    from datasets import Dataset
-
     labels = np.asarray(labels)
     n = len(labels)
     if num_partitions > n:
@@ -50,6 +47,12 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionCon
     # Shuffled rows: IidPartitioner takes contiguous shards, and the shuffle makes which
     # examples of a class a client gets depend on the seed for every kind.
     order = np.random.default_rng(seed).permutation(n)
+    if cfg.kind == "iid":
+        return iid_shards(order, num_partitions)
+
+    import flwr_datasets.partitioner as P
+    from datasets import Dataset
+
     partitioner = PARTITIONERS[cfg.kind](P, cfg, num_partitions, seed)
     partitioner.dataset = Dataset.from_dict({"idx": order, "label": labels[order]})
     try:
@@ -60,3 +63,15 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionCon
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"data.partition: cannot split {n} examples over {num_partitions} clients with {cfg!r}: {reason}") from None
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def iid_shards(order: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """flwr-datasets' ``IidPartitioner`` on rows in ``order``, without its per-partition
+    ``Dataset.shard`` calls (about 1 ms each, so 100 s for 100,000 clients): contiguous shards,
+    the first ``n % num_partitions`` one example longer, each sorted. A test checks that the
+    shards are IidPartitioner's."""
+    n = len(order)
+    div, mod = divmod(n, num_partitions)
+    sizes = np.full(num_partitions, div, dtype=np.int64)
+    sizes[:mod] += 1
+    return [np.sort(part).astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]

@@ -19,6 +19,8 @@ from fedens.scenario import TrainConfig
 class SingleLearner(Learner):
     """One network; its predictive has one member: ``(1, batch, classes)``."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     def __init__(self, model_fn: Callable[[], nn.Module], options: NoOptions, train: TrainConfig, device: torch.device) -> None:
         super().__init__(model_fn, options, train, device)
         self.model = model_fn().to(device)
@@ -30,7 +32,7 @@ class SingleLearner(Learner):
         for _ in range(self.train_cfg.local_epochs):
             for x, y in minibatches(data, self.train_cfg.batch_size, generator, self.device):
                 loss = F.cross_entropy(self.model(x), y)
-                total_loss = loss + self.objective_penalty(dict(self.model.named_parameters()))
+                total_loss = loss if self.objective is None else loss + self.objective_penalty(dict(self.model.named_parameters()))
                 opt.zero_grad(set_to_none=True)
                 total_loss.backward()
                 opt.step()

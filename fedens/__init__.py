@@ -8,6 +8,10 @@ Python API::
     result.run_dir     # the results folder
     result.final["global-test"]["accuracy"]
 
+    with fedens.session() as s:          # one warm engine (Ray + actors) for many runs
+        for seed in range(5):
+            s.run("scenarios/quickstart.yaml", {"seed": seed}, out=f"runs/q/seed-{seed}")
+
 Invalid scenarios raise ``fedens.ScenarioError`` (one-line message), as the CLI's exit code 2.
 """
 
@@ -20,7 +24,7 @@ _os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 __version__ = "0.1.0"
 
-from fedens.api import RunResult, load, run  # noqa: E402
+from fedens.api import RunResult, Session, load, run, session  # noqa: E402
 from fedens.scenario import Scenario, ScenarioError  # noqa: E402
 
-__all__ = ["RunResult", "Scenario", "ScenarioError", "load", "run", "__version__"]
+__all__ = ["RunResult", "Scenario", "ScenarioError", "Session", "load", "run", "session", "__version__"]

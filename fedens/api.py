@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedens.scenario import Scenario, ScenarioError, load_scenario
+from fedens.scenario import Scenario, ScenarioError, check_references, load_scenario, parse_scenario
+
+
+if TYPE_CHECKING:
+    from fedens.simulate import Engine
 
 
 class RunFailed(RuntimeError):
@@ -110,52 +111,101 @@ def run(
     out: str | Path | None = None,
     verbose: bool = False,
     on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    engine: Engine | None = None,
 ) -> RunResult:
-    """Run a scenario through Flower's simulation engine and return its results.
+    """Run a scenario through the simulation engine (Flower apps on Ray actors) and return its
+    results.
+
+    engine : a started ``fedens.simulate.Engine`` to run in (``Session`` keeps one for many
+        runs); without one the run starts its own and stops it at the end. Ray starts at once,
+        in the background, while this function validates, builds the data and prepares.
 
     Raises ``ScenarioError`` for an invalid scenario (before anything starts) and ``RunFailed``
     when the run itself fails (the folder keeps every finished round).
     """
-    from fedens.client_app import make_client_app
-    from fedens.results import RunRecorder, make_run_dir
-    from fedens.server_app import make_server_app
-    from fedens.simulate import run_engine
-
-    scn = load(source, overrides)
-    preflight(scn)
-    run_dir = make_run_dir(scn, out)
-    scn = prepare_learner(scn, run_dir)
-    recorder = RunRecorder(run_dir, scn)
+    scn = parse_scenario(source, overrides)  # the schema: fast, and most mistakes are found here
+    own_engine = engine is None
+    if engine is None:
+        engine = engine_for(scn, verbose).start()  # Ray starts while the driver checks and prepares
+    elif engine.ray_num_cpus != scn.engine.ray_num_cpus:
+        raise ScenarioError(f"{scn.source}: engine.ray_num_cpus: {scn.engine.ray_num_cpus}, but the session's "
+                            f"engine was started with {engine.ray_num_cpus}")
     try:
-        with shared_data(scn):
-            run_engine(make_server_app(scn, recorder, on_round), make_client_app(scn), scn, verbose)
-    except BaseException as err:  # record the failure, keep the finished rounds, re-raise
-        message = _root_message(err)
-        recorder.finish("failed", message)
-        if isinstance(err, Exception):
-            raise RunFailed(message, run_dir) from err
-        raise
-    summary = recorder.finish("ok")
+        from fedens.client_app import make_client_app  # torch and Flower: imported while Ray starts
+        from fedens.data import build_federated_data
+        from fedens.data.federated import _cfg_json
+        from fedens.results import RunRecorder, make_run_dir
+        from fedens.server_app import make_server_app
+
+        scn = check_references(scn)
+        preflight(scn)
+        run_dir = make_run_dir(scn, out)
+        scn = prepare_learner(scn, run_dir)
+        recorder = RunRecorder(run_dir, scn)
+        try:
+            data = engine.share(("data", _cfg_json(scn.data), scn.seed), lambda: build_federated_data(scn.data, scn.seed))
+            resources = {"num_cpus": scn.resources.num_cpus, "num_gpus": scn.resources.num_gpus}
+            engine.run(make_server_app(scn, recorder, on_round), make_client_app(scn, data), scn.data.num_clients, resources)
+        except BaseException as err:  # record the failure, keep the finished rounds, re-raise
+            message = _root_message(err)
+            recorder.finish("failed", message)
+            if isinstance(err, Exception):
+                raise RunFailed(message, run_dir) from err
+            raise
+        summary = recorder.finish("ok")
+    finally:
+        if own_engine:
+            engine.close()
     return RunResult(scn, run_dir, recorder.rows, summary)
 
 
-@contextlib.contextmanager
-def shared_data(scn: Scenario) -> Iterator[None]:
-    """For the run: the driver's data build in a temporary folder that the Ray actors (started
-    inside, so they inherit ``SHARED_ENV``) read instead of building the same data again."""
-    from fedens.data.federated import SHARED_ENV, share_data
+def engine_for(scn: Scenario, verbose: bool = False) -> Engine:
+    """An engine (not started) with the scenario's engine settings and per-client resources."""
+    from fedens.simulate import Engine
 
-    previous = os.environ.get(SHARED_ENV)
-    with tempfile.TemporaryDirectory(prefix="fedens-data-") as folder:
-        share_data(scn.data, scn.seed, folder)
-        os.environ[SHARED_ENV] = folder
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop(SHARED_ENV, None)
-            else:
-                os.environ[SHARED_ENV] = previous
+    return Engine(ray_num_cpus=scn.engine.ray_num_cpus, verbose=verbose, telemetry=scn.engine.telemetry,
+                  resources={"num_cpus": scn.resources.num_cpus, "num_gpus": scn.resources.num_gpus})
+
+
+class Session:
+    """A warm engine for many runs: one Ray session and one actor pool, with the data of each
+    (data config, seed) shipped to the actors once.
+
+    >>> with fedens.session() as s:                              # doctest: +SKIP
+    ...     for seed in range(5):
+    ...         s.run("scenarios/quickstart.yaml", {"seed": seed}, out=f"runs/q/seed-{seed}")
+
+    A run in a session gives exactly the rows of the same run on its own (tested); only its
+    start-up is shorter. ``ray_num_cpus`` is the session's; a scenario that asks for another
+    value is an invalid scenario here.
+    """
+
+    def __init__(self, ray_num_cpus: int | None = None, verbose: bool = False, telemetry: bool = False,
+                 resources: Mapping[str, float] | None = None) -> None:
+        from fedens.simulate import Engine
+
+        self.verbose = verbose
+        self.engine = Engine(ray_num_cpus=ray_num_cpus, verbose=verbose, telemetry=telemetry,
+                             resources=dict(resources) if resources else None)
+
+    def run(self, source: str | Path | Mapping[str, Any] | Scenario, overrides: Iterable[str] | Mapping[str, Any] = (),
+            out: str | Path | None = None, on_round: Callable[[int, list[dict[str, Any]]], None] | None = None) -> RunResult:
+        return run(source, overrides, out=out, verbose=self.verbose, on_round=on_round, engine=self.engine.start())
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Session:
+        self.engine.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def session(ray_num_cpus: int | None = None, verbose: bool = False, telemetry: bool = False) -> Session:
+    """A ``Session`` (use it with ``with``)."""
+    return Session(ray_num_cpus=ray_num_cpus, verbose=verbose, telemetry=telemetry)
 
 
 def _root_message(err: BaseException) -> str:

@@ -79,9 +79,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedens.api import RunFailed, load, run
+    from fedens.api import RunFailed, run
+    from fedens.scenario import parse_scenario
 
-    scn = load(args.scenario, args.overrides)  # invalid input fails here, before Ray starts
+    scn = parse_scenario(args.scenario, args.overrides)  # the schema; run() checks the rest while Ray starts
     progress = None if args.no_progress else _Progress(scn.rounds)
     try:
         with progress or contextlib.nullcontext():

@@ -1,14 +1,23 @@
 """The Flower ClientApp: train and evaluate handlers that delegate to the scenario's learner.
 
-Every message builds a fresh learner, loads the arrays the server sent, and works on the
-partition this node simulates (``context.node_config["partition-id"]``). The partition data is
-built once per Ray actor process and cached (``fedens.data``). Randomness is seeded from
+Every message loads the arrays the server sent into the learner and works on the partition this
+node simulates (``context.node_config["partition-id"]``). Randomness is seeded from
 ``(seed, round, partition id)``, so results do not depend on which actor runs which client.
+
+Built once per actor and run, not per message:
+- the data: the driver's build, installed from Ray's object store (``data_source``) or, without
+  one, built by the actor itself; cached per process (``fedens.data``);
+- the learner, when its class declares ``reusable`` (``set_arrays`` restores its whole state,
+  so a reused learner computes exactly what a fresh one would; every built-in learner is, and a
+  test checks each); a plug-in learner that does not say so is built for every message;
+- the gossip rule.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,15 +25,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedens.data import ClientData, load_client_data, load_server_data
+from fedens.data.federated import FederatedData, install, is_installed
 from fedens.learners import build_learner
-from fedens.learners.base import Learner, predict_dataset
+from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
 from fedens.objectives import objective_from_config
-from fedens.payload import from_record, single_arrayrecord, to_record
+from fedens.payload import ROUND_KEY, from_record, single_arrayrecord, to_record
 from fedens.scenario import Scenario
-from fedens.seeding import seeded_generator
+from fedens.seeding import derive_seed, seed_torch, seeded_generator
 
-ROUND_KEY = "fedens"  # a ConfigRecord the fedens grid adds to every message: {"round": r}
 OBJECTIVE_STATE = "fedens.objective"  # the client's objective state (duals, ...) in context.state
 
 
@@ -39,18 +48,37 @@ def message_round(msg: Message) -> int:
     return int(rec["round"]) if rec is not None and "round" in rec else 0
 
 
-def make_client_app(scn: Scenario) -> ClientApp:
-    """A ClientApp for ``scn``; the scenario travels to the Ray actors inside the app."""
+def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | None = None) -> ClientApp:
+    """A ClientApp for ``scn``; the scenario travels to the Ray actors inside the app.
+
+    data_source : gives the driver's data build (e.g. from Ray's object store); called once
+        per actor process, and not at all where the build is already installed."""
     app = ClientApp()
     device = select_device(scn.resources.num_gpus)
+    reusable: dict[str, Any] = {}  # this actor's learner and rule for the run (see module docstring)
 
-    def setup(msg: Message, context: Context) -> tuple[int, ClientData, Learner, dict[str, np.ndarray]]:
+    def prepare(context: Context) -> int:
         # One actor per CPU share: keep torch from oversubscribing the cores.
         torch.set_num_threads(max(1, int(scn.resources.num_cpus)))
-        pid = int(context.node_config["partition-id"])
-        data = load_client_data(scn.data, scn.seed, pid)  # built once per actor, then cached
-        facts = load_server_data(scn.data, scn.seed)  # same cached build
+        if data_source is not None and not is_installed(scn.data, scn.seed):
+            install(scn.data, scn.seed, data_source())
+        return int(context.node_config["partition-id"])
+
+    def new_learner() -> Learner:
+        if "learner" in reusable:
+            learner = reusable["learner"]
+            learner.objective = None
+            return learner
+        facts = load_server_data(scn.data, scn.seed)
         learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+        if is_reusable(type(learner)):
+            reusable["learner"] = learner
+        return learner
+
+    def setup(msg: Message, context: Context) -> tuple[int, ClientData, Learner, dict[str, np.ndarray]]:
+        pid = prepare(context)
+        data = load_client_data(scn.data, scn.seed, pid)  # installed or built once per actor
+        learner = new_learner()
         arrays = from_record(single_arrayrecord(msg.content))
         learner.set_arrays(arrays)
         return pid, data, learner, arrays
@@ -82,7 +110,7 @@ def make_client_app(scn: Scenario) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         pid, client_data, learner, _ = setup(msg, context)
         data = client_data.val
-        seeded_generator(scn.seed, message_round(msg), pid, 1)  # predictions may sample
+        seed_torch(derive_seed(scn.seed, message_round(msg), pid, 1))  # predictions may sample
         member_probs = predict_dataset(learner, data, scn.evaluate.batch_size)  # (members, n, classes)
         labels = torch.from_numpy(data.y)
         metrics = classification_metrics(member_probs.mean(0), labels, scn.evaluate.n_bins)
@@ -92,7 +120,7 @@ def make_client_app(scn: Scenario) -> ClientApp:
 
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
+        pid = prepare(context)
         data = load_client_data(scn.data, scn.seed, pid)
         facts = {"partition-id": pid, "num-train": len(data.train), "num-val": len(data.val)}
         return Message(content=RecordDict({"info": ConfigRecord(facts)}), reply_to=msg)
@@ -103,16 +131,14 @@ def make_client_app(scn: Scenario) -> ClientApp:
         scoring step). The message holds one ArrayRecord per candidate (e.g. ``cand.3``); the
         reply lists, per member of each candidate, ``<key>.accuracy``, ``<key>.nll`` and
         ``<key>.confidence`` (mean max-probability). An empty split scores nothing."""
-        torch.set_num_threads(max(1, int(scn.resources.num_cpus)))
-        pid = int(context.node_config["partition-id"])
+        pid = prepare(context)
         data = load_client_data(scn.data, scn.seed, pid).val
-        facts = load_server_data(scn.data, scn.seed)
-        learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+        learner = new_learner()
         labels = torch.from_numpy(data.y).long()
         scores: dict[str, list[float]] = {}
         for key, record in msg.content.array_records.items() if len(data) else []:
             learner.set_arrays(from_record(record))
-            seeded_generator(scn.seed, message_round(msg), pid, 2)  # predictions may sample
+            seed_torch(derive_seed(scn.seed, message_round(msg), pid, 2))  # predictions may sample
             probs = predict_dataset(learner, data, scn.evaluate.batch_size)  # (members, n, classes)
             p_true = probs.gather(2, labels.expand(probs.shape[0], -1).unsqueeze(2)).squeeze(2)  # (members, n)
             scores[f"{key}.accuracy"] = (probs.argmax(2) == labels).double().mean(1).tolist()
@@ -128,15 +154,15 @@ def make_client_app(scn: Scenario) -> ClientApp:
         from fedens.decentralized import node as gossip_node
         from fedens.decentralized.rules import GossipContext, make_rule
 
-        torch.set_num_threads(max(1, int(scn.resources.num_cpus)))
-        pid = int(context.node_config["partition-id"])
+        pid = prepare(context)
         data = load_client_data(scn.data, scn.seed, pid)
-        facts = load_server_data(scn.data, scn.seed)
-        learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+        learner = new_learner()
         inp = gossip_node.unpack_gossip(msg.content)
         own = gossip_node.own_model(context.state, inp.init)
         ctx = GossipContext(node=pid, scores=inp.scores, num_examples={**inp.sizes, pid: len(data.train)})
-        rule = make_rule(scn.gossip.rule, scn.gossip.params)
+        if "rule" not in reusable:  # rules are frozen dataclasses: no state between calls
+            reusable["rule"] = make_rule(scn.gossip.rule, scn.gossip.params)
+        rule = reusable["rule"]
         trained, metrics = gossip_node.gossip_step(
             learner, rule, own, inp.received, ctx, data.train, data.val, scn.seed, message_round(msg),
             scn.evaluate.n_bins, scn.evaluate.batch_size,

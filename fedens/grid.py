@@ -3,9 +3,10 @@
 It wraps the engine's grid and adds what a reproducible, measured simulation needs, without any
 strategy having to know:
 
-- **Fixed order.** At start it asks every node for its partition id (a ``query.info`` message)
-  and from then on lists nodes and returns replies in partition-id order, so aggregation sums
-  in the same order on every run. Flower's ``sample_nodes`` draws from Python's ``random``
+- **Fixed order.** It lists nodes and returns replies in partition-id order, so aggregation
+  sums in the same order on every run. Each node's partition id comes from the engine's grid
+  (``partition_of``, known without a message); under another grid (Flower's deployment engine)
+  it asks every node once (a ``query.info`` message). Flower's ``sample_nodes`` draws from Python's ``random``
   module; it is reseeded from ``(seed, round)`` before each round.
 - **Round stamp.** Every message gets a ``fedens`` ConfigRecord ``{"round": r}``, from which
   clients derive their seeds (strategies need not inject ``server-round``).
@@ -26,8 +27,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from fedens.client_app import ROUND_KEY
-from fedens.payload import record_nbytes
+from fedens.payload import ROUND_KEY, record_nbytes
 from fedens.seeding import derive_seed
 
 
@@ -55,6 +55,7 @@ class FedensGrid(Grid):
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.round = 0
         self.traffic = RoundTraffic()
+        self._sorted: list[int] | None = None  # node ids in partition order, when membership is fixed
 
     # ---------------------------------------------------------------- Grid interface (delegated)
     def set_run(self, run: Run) -> None:  # the engine sets the run on the inner grid
@@ -68,6 +69,8 @@ class FedensGrid(Grid):
         return self.inner.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> list[int]:
+        if self._sorted is not None:
+            return list(self._sorted)
         nodes = list(self.inner.get_node_ids())
         return sorted(nodes, key=lambda n: (self.partition_of.get(n, len(self.partition_of)), n))
 
@@ -86,6 +89,12 @@ class FedensGrid(Grid):
     # ---------------------------------------------------------------- fedens additions
     def discover(self, num_nodes: int, timeout: float = 600.0) -> dict[int, int]:
         """Wait for ``num_nodes`` nodes and learn each one's partition id."""
+        known = getattr(self.inner, "partition_of", None)
+        if isinstance(known, dict) and len(known) == num_nodes:  # the simulation engine's grid
+            self.partition_of = dict(known)
+            self._sorted = sorted(known, key=lambda n: (known[n], n))  # simulated nodes never leave
+            self.begin_round(1)
+            return self.partition_of
         deadline = time.time() + timeout
         while len(nodes := list(self.inner.get_node_ids())) < num_nodes:
             if time.time() > deadline:

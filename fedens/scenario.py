@@ -207,6 +207,15 @@ def load_scenario(
     ``overrides`` are ``"key.path=value"`` strings (value parsed as YAML) or a mapping from
     dotted key paths to values. Raises ``ScenarioError`` with a one-line message.
     """
+    return check_references(parse_scenario(source, overrides))
+
+
+def parse_scenario(
+    source: str | Path | Mapping[str, Any] | Scenario,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+) -> Scenario:
+    """``load_scenario`` without ``check_references``: the schema only (types, ranges, unknown
+    keys), with no registry imported, so it is fast (the engine starts right after it)."""
     if isinstance(source, Scenario):
         raw: Any = source.model_dump(mode="json")
         label = source.source
@@ -219,10 +228,9 @@ def load_scenario(
         raise ScenarioError(f"{label}: the scenario must be a mapping of keys to values")
     raw = _apply_overrides(raw, overrides, label)
     try:
-        scn = Scenario.model_validate({**raw, "source": label})
+        return Scenario.model_validate({**raw, "source": label})
     except ValidationError as err:
         raise ScenarioError(f"{label}: {_first_error(err, raw)}") from None
-    return check_references(scn)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -1,38 +1,78 @@
-"""Flower's simulation engine with the Ray backend: the one place that calls it.
+"""The simulation engine: Flower's simulation runtime on a warm Ray session. The one place that
+knows how ServerApps and ClientApps are executed.
 
-``run_simulation`` is deprecated in favour of ``flwr run`` from Flower 1.41 on; keeping the
-call here means swapping it touches one function (``run_engine``).
+The apps are Flower's (a ``ServerApp`` running a ``Strategy`` against a ``Grid``, a ``ClientApp``
+per simulated node on Ray actors), and so are the pieces that carry messages between them:
+Flower's in-memory ``LinkState`` stores every message and reply and validates them, its
+``InMemoryGrid`` is the ServerApp's grid, ``flwr.server.run_serverapp.run`` executes the
+ServerApp, and each ClientApp call goes through Flower's ``VirtualClientEngineActor.run`` on a
+Ray actor, with the node's ``Context`` (``context.state`` persists across rounds). What differs
+from ``flwr.simulation.run_simulation``, measured on a 2-core machine (``bench/bench_engine.py``):
 
-Quiet by default: Flower's console log is raised to WARNING, Ray logs at ERROR and actors' output
-is not forwarded, unless ``verbose``. Everything Flower logs still goes to the run's ``run.log``.
-Telemetry: Flower's is off unless ``engine.telemetry`` is true (``fedens/__init__`` sets
-``FLWR_TELEMETRY_ENABLED=0`` before Flower is imported, because Flower reads it at import time);
-Ray's usage statistics are always off.
+- **Warm.** ``run_simulation`` starts Ray and its actors for every run and ``RayBackend.terminate``
+  ends with ``ray.shutdown()``. An ``Engine`` keeps one Ray session and one actor pool for many
+  runs (a ``fedens compare``, a seed sweep, the test suite); each run gets a fresh LinkState,
+  grid and node contexts, so a warm run gives exactly the rows of the same run cold (tested).
+- **Event-driven.** Flower's runtime polls: a thread looks for new messages of every node every
+  0.1 s (``add_messages_to_queue``, O(nodes x messages) per pass) and the grid pulls replies
+  every 0.1 s. Here the LinkState hands each stored message straight to the actors' queue and
+  wakes the grid when a reply is stored, so a round costs the clients' work, not polling.
+- **Start-up independent of the number of nodes.** Nodes are registered in the LinkState at
+  once, their contexts are made when a node first gets a message, the grid lists nodes without
+  scanning the LinkState, and it knows each node's partition id (``partition_of``) without
+  asking the nodes.
+- **Shipped once.** The ClientApp (with the scenario) and the data go to Ray's object store
+  once per run and per (data, seed), not with every message; an actor keeps the run's app, so a
+  learner is built once per actor and run.
+- **Lean start.** Ray's workers preload fedens' client code while Ray starts
+  (``preload_python_modules``), Ray starts in its own thread while the driver prepares the run,
+  and the services a simulation does not use (dashboard API server, autoscaler monitor, log
+  monitor) are not started.
+
+Quiet by default: Flower's console log is raised to ERROR, Ray logs at ERROR and actors' output
+is not forwarded, unless ``verbose``. Telemetry: Flower's is off unless ``engine.telemetry`` is
+true (``fedens/__init__`` sets ``FLWR_TELEMETRY_ENABLED=0`` before Flower is imported, because
+Flower reads it at import time); Ray's usage statistics are always off.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
+import threading
+import time
+import traceback
 import warnings
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
 
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+if TYPE_CHECKING:  # Flower's modules take ~0.7 s to import: Ray starts without waiting for them
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
-from fedens.scenario import Scenario
+log = logging.getLogger("fedens")
+
+# What Ray's worker processes import before they accept work: everything a ClientApp call
+# needs (torch, Flower, fedens' learners), paid while Ray is still starting.
+PRELOAD = ["fedens.client_app", "fedens.simulate"]
+Resources = dict[str, float]
 
 
-def configure_engine(scn: Scenario, verbose: bool) -> None:
+def configure_engine(telemetry: bool, verbose: bool) -> None:
     """Telemetry and log levels for this process and the Ray workers it starts."""
-    import flwr.supercore.telemetry as telemetry
+    import flwr.supercore.telemetry as flwr_telemetry
     from flwr.supercore.logger import console_handler
 
-    flag = "1" if scn.engine.telemetry else "0"
-    os.environ["FLWR_TELEMETRY_ENABLED"] = flag  # inherited by Ray workers
-    telemetry.FLWR_TELEMETRY_ENABLED = flag  # already read at import in this process
+    flag = "1" if telemetry else "0"
+    os.environ["FLWR_TELEMETRY_ENABLED"] = flag  # inherited by Ray's processes
+    flwr_telemetry.FLWR_TELEMETRY_ENABLED = flag  # already read at import in this process
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Flower warns that run_simulation is deprecated on every call; say it once in the docs instead.
+    # Ray warns about a future change of CUDA_VISIBLE_DEVICES handling on every start.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     console_handler.setLevel(logging.DEBUG if verbose else logging.ERROR)
     logging.getLogger("fedens").setLevel(logging.DEBUG)
     if not verbose:
@@ -40,31 +80,269 @@ def configure_engine(scn: Scenario, verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
 
 
-def backend_config(scn: Scenario, verbose: bool) -> dict:
-    """Ray backend settings: per-client resources, and Ray's own start arguments."""
-    init_args: dict = {
-        "include_dashboard": False,
-        "logging_level": logging.INFO if verbose else logging.ERROR,
-        "log_to_driver": verbose,
-    }
-    if scn.engine.ray_num_cpus is not None:
-        init_args["num_cpus"] = scn.engine.ray_num_cpus
-    return {
-        "client_resources": {"num_cpus": scn.resources.num_cpus, "num_gpus": scn.resources.num_gpus},
-        "init_args": init_args,
-    }
+class EngineError(RuntimeError):
+    """The engine could not start or lost its Ray session."""
 
 
-def run_engine(server_app: ServerApp, client_app: ClientApp, scn: Scenario, verbose: bool = False) -> None:
-    """Run the apps on Flower's simulation engine with ``data.num_clients`` simulated nodes."""
-    from flwr.simulation import run_simulation
+# --------------------------------------------------------------------------- the engine
 
-    configure_engine(scn, verbose)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=scn.data.num_clients,
-        backend_name=scn.engine.backend,
-        backend_config=backend_config(scn, verbose),
-        verbose_logging=verbose,
+
+class Engine:
+    """One Ray session and one pool of Ray actors, reused by every run given to ``run``.
+
+    ``Engine(...).start()`` returns at once: Ray starts in a thread of its own (Linux ends Ray's
+    processes when the thread that started them exits, so that thread lives until ``close``)
+    while the caller prepares its run; ``run`` waits for it. Use it as a context manager, or
+    call ``close`` (which stops the actors and Ray). A run that asks for other per-client
+    resources than the pool has gets a new pool; the Ray session stays.
+
+    ray_num_cpus : CPUs Ray may use (None: all of the machine's).
+    resources : the per-client resources (``num_cpus``, ``num_gpus``) of the first pool,
+        created as soon as Ray is up, so the actors start while the driver prepares.
+    """
+
+    def __init__(self, *, ray_num_cpus: int | None = None, resources: Resources | None = None,
+                 verbose: bool = False, telemetry: bool = False) -> None:
+        self.ray_num_cpus = ray_num_cpus
+        self.verbose = verbose
+        self.telemetry = telemetry
+        self._first_resources = dict(resources or {"num_cpus": 1.0, "num_gpus": 0.0})
+        self._pool: _ActorPool | None = None
+        self._shared: dict[Hashable, Any] = {}  # key -> ObjectRef of something shipped once
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.runs = 0  # runs done in this session
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Engine:
+        if self._thread is None:
+            configure_engine(self.telemetry, self.verbose)
+            self.started_at = time.perf_counter()
+            self._thread = threading.Thread(target=self._ray_main, name="fedens-ray", daemon=True)
+            self._thread.start()
+        return self
+
+    def _ray_main(self) -> None:
+        import ray
+
+        started = False
+        try:
+            # Workers inherit the driver's environment (raylet is its child): the driver's
+            # sys.path lets actors import what the driver can (plug-ins given as module:Class).
+            paths = [p for p in sys.path if p] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+            _start_local_ray(self.ray_num_cpus, self.verbose)
+            started = True
+            self._pool = _ActorPool(self._first_resources)
+            self.ready_at = time.perf_counter()
+        except BaseException as err:  # reported to the thread that waits for the engine
+            self._error = err
+        finally:
+            self._ready.set()
+        self._stop.wait()
+        if started:
+            try:
+                if self._pool is not None:
+                    self._pool.terminate()
+                ray.shutdown()
+            finally:
+                _stop_lean_node()
+
+    def wait(self, timeout: float | None = 300.0) -> None:
+        """Block until Ray and the first actor pool are up; raise ``EngineError`` if they failed."""
+        if self._thread is None:
+            self.start()
+        if not self._ready.wait(timeout):
+            raise EngineError(f"Ray did not start within {timeout:.0f} s")
+        if self._error is not None:
+            raise EngineError(f"Ray failed to start: {type(self._error).__name__}: {self._error}") from self._error
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=60)
+            self._thread = None
+        self._pool = None
+        self._shared.clear()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._error is None
+
+    # ------------------------------------------------------------------ shipping
+    def share(self, key: Hashable, make: Callable[[], Any]) -> _Shared:
+        """``make()`` put once into Ray's object store under ``key`` (e.g. a data build per
+        (config, seed)); the returned handle pickles small and gives the object back on any
+        actor, without a copy for numpy arrays."""
+        import ray
+
+        self.wait()
+        if key not in self._shared:
+            self._shared[key] = ray.put(make())
+        return _Shared(self._shared[key])
+
+    # ------------------------------------------------------------------ one run
+    def run(self, server_app: ServerApp, client_app: ClientApp, num_nodes: int,
+            resources: Resources | None = None) -> Context:
+        """Run ``server_app`` in this thread against ``num_nodes`` simulated nodes that execute
+        ``client_app`` on the actor pool; returns the ServerApp's context. Node i simulates
+        partition i (``context.node_config["partition-id"]``)."""
+        import ray
+
+        self.wait()
+        assert self._pool is not None
+        wanted = dict(resources or self._first_resources)
+        if self._pool.resources != wanted:  # another per-client share: another pool
+            self._pool.terminate()
+            self._pool = _ActorPool(wanted)
+        from fedens.linkstate import SimulatedRun
+
+        app = _Shared(ray.put(client_app))
+        try:
+            return SimulatedRun(num_nodes, self._pool, app).execute(server_app)
+        finally:
+            self.runs += 1
+
+
+class _Shared:
+    """A handle on an object in Ray's object store. The reference travels inside a list, so
+    Ray does not resolve it when the handle is an argument of a remote call."""
+
+    def __init__(self, ref: Any) -> None:
+        self.box = [ref]
+
+    def __call__(self) -> Any:
+        import ray
+
+        return ray.get(self.box[0])
+
+
+def _start_local_ray(num_cpus: int | None, verbose: bool) -> None:
+    """A local Ray head without the services a simulation does not use, then connect to it.
+
+    ``ray.init`` always starts the dashboard's API server (even with ``include_dashboard=False``,
+    waiting about a second for it), the autoscaler's monitor and the log monitor. A head node
+    started through ``ray._private.node.Node`` with ``no_monitor`` and without the log monitor,
+    and with the API server left out, starts the GCS and the raylet only (plus the raylet's
+    agents). The workers it prestarts import ``PRELOAD`` at once. With ``verbose`` the stock
+    ``ray.init`` is used, so actors' output and Ray's logs reach the console."""
+    import ray
+
+    system_config = {"preload_python_modules": PRELOAD, "enable_metrics_collection": False}
+    level = logging.INFO if verbose else logging.ERROR
+    if verbose:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=level, log_to_driver=True,
+                 _system_config=system_config)
+        return
+    global _LEAN_NODE
+    _LEAN_NODE = _lean_head_node(num_cpus, system_config)
+    ray.init(address=_LEAN_NODE.address, logging_level=level, log_to_driver=False)
+
+
+_LEAN_NODE: Any = None
+
+
+def _lean_head_node(num_cpus: int | None, system_config: dict) -> Any:
+    import ray._private.node
+    import ray._private.parameter
+
+    class LeanNode(ray._private.node.Node):
+        def start_api_server(self, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
+            self._webui_url = ""  # no dashboard, no job or state API: a simulation uses none
+
+    params = ray._private.parameter.RayParams(
+        num_cpus=num_cpus if num_cpus is not None else os.cpu_count(), include_dashboard=False,
+        no_monitor=True, include_log_monitor=False, _system_config=system_config,
     )
+    # shutdown_at_exit would install a SIGTERM handler, which only the main thread may do;
+    # the engine stops the node itself (and at exit, below).
+    node = LeanNode(params, head=True, shutdown_at_exit=False, spawn_reaper=True)
+    atexit.register(_stop_lean_node)
+    return node
+
+
+def _stop_lean_node() -> None:
+    global _LEAN_NODE
+    if _LEAN_NODE is not None:
+        _LEAN_NODE.kill_all_processes(check_alive=False, allow_graceful=True)
+        _LEAN_NODE = None
+
+
+# --------------------------------------------------------------------------- actors
+
+
+def _client_actor_class() -> Any:
+    """The Ray actor class, made on first use so that importing this module needs no Ray."""
+    global _ClientActor
+    if _ClientActor is None:
+        import ray
+        from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
+
+        class ClientActor(VirtualClientEngineActor):
+            """Runs ClientApp calls with Flower's ``VirtualClientEngineActor.run``; keeps the
+            current run's ClientApp, fetched from the object store on the run's first call."""
+
+            def __init__(self) -> None:
+                self._key: int | None = None
+                self._app: ClientApp | None = None
+
+            def ready(self) -> bool:
+                return True
+
+            def call(self, key: int, app: _Shared, jobs: list[tuple[Message, Context]]) -> list[tuple[Any, ...]]:
+                """For each ``(message, context)``: ``(reply, context, None)``, or
+                ``(None, None, (reason, traceback))`` when the ClientApp raised. A plain value
+                is cheaper than Ray's wrapped exception and keeps the reason one line."""
+                if key != self._key:
+                    self._app, self._key = app(), key
+                results = []
+                for message, context in jobs:
+                    try:
+                        _, out, context = self.run(lambda: self._app, message, "", context)
+                    except Exception as err:
+                        cause = err.__cause__ or err
+                        results.append((None, None, (f"{type(cause).__name__}: {cause}",
+                                                     "".join(traceback.format_exception(cause)))))
+                        continue
+                    results.append((out, context, None))
+                return results
+
+        _ClientActor = ray.remote(ClientActor)
+    return _ClientActor
+
+
+_ClientActor: Any = None
+
+
+class _ActorPool:
+    """As many actors as the per-client ``resources`` fit on the Ray cluster (Flower's
+    ``pool_size_from_resources``), created at once; they start while the caller goes on."""
+
+    def __init__(self, resources: Resources) -> None:
+        from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+        self.resources = dict(resources)
+        self.size = pool_size_from_resources(self.resources)
+        self.actors = [self.new_actor() for _ in range(self.size)]
+
+    def new_actor(self) -> Any:
+        return _client_actor_class().options(**self.resources).remote()
+
+    def terminate(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from fedens.api import preflight
+from fedens.api import engine_for, preflight
 from fedens.client_app import select_device
 from fedens.scenario import ScenarioError, load_scenario
-from fedens.simulate import backend_config, configure_engine
+from fedens.simulate import configure_engine
 
 
 def test_importing_fedens_turns_flower_telemetry_off_before_flower_reads_it():
@@ -26,19 +26,19 @@ def test_scenario_can_turn_telemetry_on_and_off():
     import flwr.supercore.telemetry as t
 
     try:
-        configure_engine(load_scenario({"engine": {"telemetry": True}}), verbose=False)
+        configure_engine(telemetry=load_scenario({"engine": {"telemetry": True}}).engine.telemetry, verbose=False)
         assert t.FLWR_TELEMETRY_ENABLED == "1" and os.environ["FLWR_TELEMETRY_ENABLED"] == "1"
     finally:
-        configure_engine(load_scenario({}), verbose=False)
+        configure_engine(telemetry=load_scenario({}).engine.telemetry, verbose=False)
     assert t.FLWR_TELEMETRY_ENABLED == "0" and os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
-def test_backend_config_carries_client_resources():
-    cfg = backend_config(load_scenario({"resources": {"num_cpus": 2, "num_gpus": 0.25}, "engine": {"ray_num_cpus": 2}}), False)
-    assert cfg["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
-    assert cfg["init_args"]["num_cpus"] == 2 and cfg["init_args"]["include_dashboard"] is False
-    assert cfg["init_args"]["log_to_driver"] is False
+def test_engine_carries_the_scenarios_engine_settings_and_client_resources():
+    eng = engine_for(load_scenario({"resources": {"num_cpus": 2, "num_gpus": 0.25}, "engine": {"ray_num_cpus": 2, "telemetry": True}}))
+    assert eng.ray_num_cpus == 2 and eng.telemetry is True and eng.verbose is False
+    assert eng._first_resources == {"num_cpus": 2.0, "num_gpus": 0.25}
+    assert not eng.alive  # nothing starts until start() or the first run
 
 
 def test_device_follows_the_gpu_share(monkeypatch):

@@ -35,7 +35,7 @@ from fedens.decentralized.rules import GossipContext, GossipRule, Scores
 from fedens.learners.base import Learner, predict_dataset
 from fedens.metrics import classification_metrics
 from fedens.payload import from_record
-from fedens.seeding import seeded_generator
+from fedens.seeding import derive_seed, seed_torch, seeded_generator
 
 Arrays = dict[str, np.ndarray]
 
@@ -101,7 +101,7 @@ def evaluate_own(learner: Learner, data: ArrayDataset, seed: int, server_round: 
     """``val_<metric>`` of the learner on the node's own validation split (empty if it has none)."""
     if len(data) == 0:
         return {}
-    seeded_generator(seed, server_round, node, 1)  # predictions may sample
+    seed_torch(derive_seed(seed, server_round, node, 1))  # predictions may sample
     probs = predict_dataset(learner, data, batch_size).mean(0)  # (n, classes)
     metrics = classification_metrics(probs, torch.from_numpy(data.y), n_bins)
     return {f"val_{k}": metrics[k] for k in VAL_KEYS}

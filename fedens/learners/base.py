@@ -73,6 +73,12 @@ class Learner(ABC):
     """
 
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # True when ``set_arrays`` restores the learner's whole state, so that a learner reused for
+    # many messages computes exactly what a freshly built one would: the ClientApp then builds
+    # it once per actor and run instead of once per message. Built-in learners are (tested in
+    # tests/learners/test_contract.py); a plug-in says so itself, else it is rebuilt every time.
+    # Read from the class itself, not inherited (``is_reusable``): a subclass may add state.
+    reusable: ClassVar[bool] = False
 
     def __init__(self, model_fn: Callable[[], nn.Module], options: Any, train: TrainConfig, device: torch.device) -> None:
         self.options = options
@@ -111,6 +117,12 @@ class Learner(ABC):
     @abstractmethod
     def set_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Load arrays exported by ``get_arrays`` (or aggregated from several of them)."""
+
+
+def is_reusable(cls: type[Learner]) -> bool:
+    """Whether ``cls`` itself declares ``reusable = True`` (a subclass that adds state to a
+    reusable learner is not reusable until it says so)."""
+    return bool(vars(cls).get("reusable", False))
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:

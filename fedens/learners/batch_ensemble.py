@@ -75,6 +75,8 @@ class BatchEnsembleLayer(nn.Module):
 class BatchEnsembleLearner(TiledEnsembleLearner):
     """M members sharing every weight matrix up to rank-1 factors; ``(M, batch, classes)``."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = BatchEnsembleOptions
     options: BatchEnsembleOptions
 

@@ -117,6 +117,8 @@ def grouped_forward(net: nn.Sequential, params: Mapping[str, torch.Tensor], x: t
 class DeepEnsembleLearner(Learner):
     """K networks with stacked parameters; predictive ``(K, batch, classes)``."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = DeepEnsembleOptions
 
     def __init__(

@@ -100,6 +100,8 @@ class FiLMEnsembleLearner(TiledEnsembleLearner):
     """M members sharing all weights but their normalisation's γ, β and statistics;
     ``(M, batch, classes)``."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = FiLMEnsembleOptions
     options: FiLMEnsembleOptions
 

@@ -88,6 +88,8 @@ class IVONOptions(BaseModel):
 class IVONLearner(Learner):
     """A Gaussian posterior over one network; its predictive has ``samples`` members."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = IVONOptions
 
     def __init__(self, model_fn: Callable[[], nn.Module], options: IVONOptions, train: TrainConfig, device: torch.device) -> None:
@@ -176,6 +178,9 @@ class IVONLearner(Learner):
         missing += [k for k, _ in self.model.named_buffers() if k not in arrays]
         if missing:
             raise KeyError(f"arrays lack {len(missing)} tensors of the posterior, e.g. {missing[0]!r}")
+        # A fresh optimiser, as a newly built learner has: its ess (options.ess or 1) is the one
+        # the precision is converted with, so a reused learner imports exactly what a new one does.
+        self.opt = self._optimizer(self.options.ess or 1.0)
         group = self.opt.param_groups[0]
         with torch.no_grad():
             for k, p in params.items():

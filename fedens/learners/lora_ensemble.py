@@ -132,6 +132,8 @@ def _require_vit(model: nn.Module) -> ViT:
 class LoRAEnsembleLearner(Learner):
     """``members`` low-rank adaptations of one frozen vit: predictive ``(members, batch, classes)``."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = LoRAEnsembleOptions
 
     def __init__(self, model_fn: Callable[[], nn.Module], options: LoRAEnsembleOptions, train: TrainConfig, device: torch.device) -> None:

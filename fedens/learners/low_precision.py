@@ -62,6 +62,8 @@ def stochastic_round(w: torch.Tensor, bits: int, generator: torch.Generator | No
 class LowPrecisionLearner(SingleLearner):
     """One full-precision network; predictive ``(M, batch, classes)`` over M stochastic roundings."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = LowPrecisionOptions
 
     def __init__(

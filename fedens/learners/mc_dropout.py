@@ -38,6 +38,8 @@ class MCDropoutOptions(BaseModel):
 class MCDropoutLearner(SingleLearner):
     """One network with dropout ``p``; predictive ``(T, batch, classes)``, one mask set per sample."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = MCDropoutOptions
 
     def __init__(

@@ -68,6 +68,8 @@ def cyclic_lr(t: int, lr0: float, cycle: int) -> float:
 class SnapshotLearner(SingleLearner):
     """The current network plus ``members`` snapshot slots; predictive over the filled slots."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = SnapshotOptions
 
     def __init__(

@@ -103,6 +103,8 @@ class SubnetworkLearner(TiledEnsembleLearner):
     """M non-overlapping subnetworks of one pruned parent, trained independently;
     ``(M, batch, classes)``."""
 
+    reusable = True  # set_arrays restores the whole state (tests/learners/test_contract.py)
+
     Options = SubnetworkOptions
     options: SubnetworkOptions
     sum_member_losses = True

@@ -7,21 +7,20 @@ from pathlib import Path
 
 import pytest
 
-import fedens
 from fedens.scenario import ScenarioError, load_scenario
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("name,params", [("fedprox", {"mu": 0.1}), ("feddyn", {"alpha": 0.1}), ("fedlap", {"delta": 1.0, "rho": 0.5}), ("fedadmm", {"rho": 0.01}), ("fedlap_cov", {"delta": 1.0, "rho": 1.0})])
-def test_admm_family_runs(name: str, params: dict, tmp_path: Path):
+def test_admm_family_runs(session, name: str, params: dict, tmp_path: Path):
     scenario = {
         "name": name, "rounds": 2,
         "data": {"dataset": "digits", "num_clients": 3},
         "model": {"kind": "mlp", "hidden": [32]},
         "strategy": {"name": name, "params": params},
     }
-    result = fedens.run(scenario, out=tmp_path / "run")
+    result = session.run(scenario, out=tmp_path / "run")
     test = result.scope("global-test")
     assert [r["round"] for r in test] == [0, 1, 2]
     assert test[-1]["nll"] < test[0]["nll"] and test[-1]["accuracy"] > test[0]["accuracy"]

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedens
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +24,7 @@ def test_clipped_fedavg_math():
     assert new["w"] == pytest.approx([0.5 * 0.6 + 0.5 * 0.6, 0.5 * 0.8])
 
 
-def test_clipped_fedavg_runs_from_yaml_by_path(tmp_path: Path):
+def test_clipped_fedavg_runs_from_yaml_by_path(session, tmp_path: Path):
     scenario = tmp_path / "s.yaml"
     scenario.write_text(
         "name: clipped\nrounds: 2\n"
@@ -34,6 +33,6 @@ def test_clipped_fedavg_runs_from_yaml_by_path(tmp_path: Path):
         f"strategy: {{name: {ROOT / 'examples/clipped_fedavg.py'}:ClippedFedAvg, params: {{clip: 5.0}}}}\n",
         encoding="utf-8",
     )
-    result = fedens.run(scenario, out=tmp_path / "run")
+    result = session.run(scenario, out=tmp_path / "run")
     test = result.scope("global-test")
     assert [r["round"] for r in test] == [0, 1, 2] and test[-1]["accuracy"] > test[0]["accuracy"]

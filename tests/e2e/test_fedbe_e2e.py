@@ -24,8 +24,8 @@ FEDBE = {
 }
 
 
-def test_fedbe_runs_through_the_engine(tmp_path: Path):
-    result = fedens.run(FEDBE, out=tmp_path / "run")
+def test_fedbe_runs_through_the_engine(session, tmp_path: Path):
+    result = session.run(FEDBE, out=tmp_path / "run")
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["rounds_done"] == 2
     assert read_metrics(result.run_dir) == result.rows
@@ -38,11 +38,11 @@ def test_fedbe_runs_through_the_engine(tmp_path: Path):
     assert test[-1]["nll"] < test[0]["nll"]
 
 
-def test_fedbe_without_a_public_split_fails_with_the_fix(tmp_path: Path):
+def test_fedbe_without_a_public_split_fails_with_the_fix(session, tmp_path: Path):
     """Until scenario validation calls ``FedBE.check_scenario``, the run fails at bind time
     (before round 1), and the error names the fix."""
     from fedens.api import RunFailed
 
     no_public = {**FEDBE, "data": {**FEDBE["data"], "server_fraction": 0.0}}
     with pytest.raises((RunFailed, fedens.ScenarioError), match=r"set data\.server_fraction > 0"):
-        fedens.run(no_public, out=tmp_path / "run")
+        session.run(no_public, out=tmp_path / "run")

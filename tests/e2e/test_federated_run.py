@@ -31,8 +31,8 @@ EVAL_KEYS = {"round", "scope", "time_s", "accuracy", "nll", "ece", "brier"}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> fedens.RunResult:
-    return fedens.run(TINY, out=tmp_path_factory.mktemp("tiny") / "run")
+def tiny_run(session, tmp_path_factory: pytest.TempPathFactory) -> fedens.RunResult:
+    return session.run(TINY, out=tmp_path_factory.mktemp("tiny") / "run")
 
 
 def test_run_folder_has_every_file(tiny_run: fedens.RunResult):
@@ -74,10 +74,30 @@ def test_training_beats_round_zero(tiny_run: fedens.RunResult):
     assert test[-1]["nll"] < test[0]["nll"]
 
 
-def test_same_seed_same_numbers(tiny_run: fedens.RunResult, tmp_path: Path):
-    again = fedens.run(TINY, out=tmp_path / "again")
+def test_same_seed_same_numbers(session, tiny_run: fedens.RunResult, tmp_path: Path):
+    again = session.run(TINY, out=tmp_path / "again")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
     assert strip(again.rows) == strip(tiny_run.rows)
+
+
+def test_warm_run_equals_cold_run(session, tiny_run: fedens.RunResult, tmp_path: Path):
+    """A run in the warm session, after other runs have used its actors (other learners,
+    strategies and data), gives exactly the rows of the same scenario run cold on its own
+    (the CLI in a fresh process, which starts its own Ray). The scenario keeps client state
+    (FedDyn's duals) and samples clients, so a stale context, learner or data build would show."""
+    scn = {**TINY, "name": "warm-cold", "rounds": 3, "fraction_train": 0.67,
+           "strategy": {"name": "feddyn", "params": {"alpha": 0.01}}, "data": {**TINY["data"], "num_clients": 4}}
+    session.run({**TINY, "learner": {"kind": "deep_ensemble", "members": 2}}, out=tmp_path / "other")
+    warm = session.run(scn, out=tmp_path / "warm")
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(scn))
+    proc = subprocess.run([sys.executable, str(ROOT / "run_sim.py"), str(path), "--out", str(tmp_path / "cold"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    cold = read_metrics(tmp_path / "cold")
+    assert len(cold) == len(warm.rows) > 0 and strip(cold) == strip(warm.rows)
+    assert [r["clients_trained"] for r in warm.scope("train")] == [2, 2, 2]  # int(0.67 * 4): sampling is exercised
 
 
 def test_plugin_strategy_by_path_and_failure_keeps_finished_rounds(tmp_path: Path):

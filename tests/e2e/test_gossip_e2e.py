@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import fedens
 from fedens.data import load_client_data, load_server_data
 from fedens.decentralized.engine import initial_models
 from fedens.learners import build_learner
@@ -46,8 +45,8 @@ def finite(row: dict) -> bool:
 
 
 @pytest.mark.parametrize("rule", list(RULES))
-def test_each_rule_runs_through_the_engine(rule: str, tmp_path: Path):
-    result = fedens.run({**GOSSIP, **RULES[rule]}, out=tmp_path / "run")
+def test_each_rule_runs_through_the_engine(session, rule: str, tmp_path: Path):
+    result = session.run({**GOSSIP, **RULES[rule]}, out=tmp_path / "run")
     rows = read_metrics(result.run_dir)
     assert rows == result.rows and all(finite(r) for r in rows)
     summary = json.loads((result.run_dir / "summary.json").read_text())
@@ -79,8 +78,8 @@ def test_each_rule_runs_through_the_engine(rule: str, tmp_path: Path):
         assert 0 <= gossip[2]["rule_swarm_agreement"] <= 1 and 0 <= gossip[2]["rule_swarm_own_share"] <= 1
 
 
-def test_full_drop_leaves_every_node_with_its_own_trained_model(tmp_path: Path):
-    result = fedens.run({**GOSSIP, "gossip": {"rule": "average", "drop_prob": 1.0}}, out=tmp_path / "run")
+def test_full_drop_leaves_every_node_with_its_own_trained_model(session, tmp_path: Path):
+    result = session.run({**GOSSIP, "gossip": {"rule": "average", "drop_prob": 1.0}}, out=tmp_path / "run")
     last = result.scope("gossip")[-1]
     assert last["delivered"] == 0 and last["dropped"] == last["sent"] == 16
     assert all(r["rule_received"] == 0 for r in result.scope("gossip")[1:])
@@ -101,11 +100,11 @@ def test_full_drop_leaves_every_node_with_its_own_trained_model(tmp_path: Path):
             np.testing.assert_allclose(ckpt[f"node.{pid}.{name}"], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_same_scenario_same_numbers_with_asynchrony(tmp_path: Path):
+def test_same_scenario_same_numbers_with_asynchrony(session, tmp_path: Path):
     """Half the nodes active, 30% of copies lost, delays up to one round: two runs of the same
     scenario and seed give the same rows (times aside)."""
     scn = {**GOSSIP, "rounds": 3, "gossip": {"rule": "vca", "active_fraction": 0.5, "drop_prob": 0.3, "delay": 1}}
-    runs = [fedens.run(scn, out=tmp_path / f"run{i}") for i in range(2)]
+    runs = [session.run(scn, out=tmp_path / f"run{i}") for i in range(2)]
     strip = [[{k: v for k, v in r.items() if k != "time_s"} for r in run.rows] for run in runs]
     assert strip[0] == strip[1]
     train, gossip = runs[0].scope("train"), runs[0].scope("gossip")

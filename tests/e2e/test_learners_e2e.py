@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import fedens
 from fedens.learners import LEARNERS
 from tests.learners.test_contract import SMALL
 
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("kind", [k for k in LEARNERS.names() if k != "single"])  # single: test_federated_run
-def test_learner_runs_through_the_engine(kind: str, tmp_path: Path):
+def test_learner_runs_through_the_engine(session, kind: str, tmp_path: Path):
     extra = SMALL.get(kind, {})
     scenario = {
         "name": f"e2e-{kind}",
@@ -24,7 +23,7 @@ def test_learner_runs_through_the_engine(kind: str, tmp_path: Path):
         "learner": {"kind": kind, **extra.get("learner", {})},
         "train": {"local_epochs": 1},
     }
-    result = fedens.run(scenario, out=tmp_path / "run")
+    result = session.run(scenario, out=tmp_path / "run")
     test = result.scope("global-test")
     assert [r["round"] for r in test] == [0, 1, 2]
     for key in ("accuracy", "nll", "ece", "brier", "member_accuracy", "disagreement", "entropy",

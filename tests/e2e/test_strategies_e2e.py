@@ -31,8 +31,8 @@ def check_run(result: fedens.RunResult) -> None:
     ({"name": "uncertainty_merge", "params": {}}, {"kind": "ivon", "samples": 4}),
     ({"name": "ivon_admm", "params": {}}, {"kind": "ivon", "samples": 4, "hess_init": 1.0}),
 ], ids=["vca-single", "posterior_avg-ivon", "posterior_product-ivon", "uncertainty_merge-ivon", "ivon_admm-ivon"])
-def test_strategy_runs_end_to_end(strategy: dict, learner: dict, tmp_path: Path):
-    result = fedens.run({**TINY, "name": strategy["name"], "strategy": strategy, "learner": learner}, out=tmp_path / "run")
+def test_strategy_runs_end_to_end(session, strategy: dict, learner: dict, tmp_path: Path):
+    result = session.run({**TINY, "name": strategy["name"], "strategy": strategy, "learner": learner}, out=tmp_path / "run")
     check_run(result)
 
 

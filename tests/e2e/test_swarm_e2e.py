@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import fedens
 from fedens.results import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -27,8 +26,8 @@ SWARM = {
 }
 
 
-def test_swarm_runs_through_the_engine(tmp_path: Path):
-    result = fedens.run(SWARM, out=tmp_path / "run")
+def test_swarm_runs_through_the_engine(session, tmp_path: Path):
+    result = session.run(SWARM, out=tmp_path / "run")
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["rounds_done"] == 2
     assert read_metrics(result.run_dir) == result.rows

@@ -15,7 +15,7 @@ import torch
 from fedens.api import prepare_learner
 from fedens.data import load_client_data, load_server_data
 from fedens.learners import LEARNERS, build_learner
-from fedens.learners.base import predict_dataset
+from fedens.learners.base import is_reusable, predict_dataset
 from fedens.scenario import Scenario, load_scenario
 from fedens.seeding import seeded_generator
 
@@ -111,3 +111,37 @@ def test_short_training_lowers_the_loss(kind: str, tmp_path: Path):
     for r in (1, 2):
         learner.fit(client.train, seeded_generator(0, r, 0), r)
     assert nll(learner, client.train) < before - 0.3
+
+
+def test_reused_learner_computes_what_a_fresh_one_does(kind: str, tmp_path: Path):
+    """The ClientApp keeps one learner per actor and run when its class declares ``reusable``:
+    after ``set_arrays`` it must train and predict exactly as a freshly built learner would,
+    whatever it did before (another client's data, other arrays, other rounds, predictions)."""
+    scn = scenario_for(kind, tmp_path)
+    cls = type(build(scn))
+    assert is_reusable(cls), f"{kind} should be reusable (a built-in learner)"
+    c0, c1 = load_client_data(scn.data, scn.seed, 0), load_client_data(scn.data, scn.seed, 1)
+    start = build(scn, seed=7)
+    start.fit(c1.train, seeded_generator(0, 1, 1), 1)  # a trained state with every part filled
+    arrays = start.get_arrays()
+
+    def run(learner) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        learner.set_arrays(arrays)
+        torch.manual_seed(11)
+        before = predict_dataset(learner, c0.val)  # evaluate handler: predict right after import
+        learner.set_arrays(arrays)
+        learner.fit(c0.train, seeded_generator(0, 4, 0), 4)
+        torch.manual_seed(12)
+        return learner.get_arrays(), before, predict_dataset(learner, c0.val)
+
+    fresh = run(build(scn, seed=0))
+    used = build(scn, seed=3)
+    used.set_arrays(build(scn, seed=5).get_arrays())
+    used.fit(c1.train, seeded_generator(0, 2, 1), 2)  # another client, another round
+    torch.manual_seed(1)
+    predict_dataset(used, c1.val)
+    again = run(used)
+    assert fresh[0].keys() == again[0].keys()
+    for k in fresh[0]:
+        assert np.array_equal(fresh[0][k], again[0][k]), k
+    assert torch.equal(fresh[1], again[1]) and torch.equal(fresh[2], again[2])

@@ -1,0 +1,240 @@
+"""One simulated run on the engine's actors, through Flower's own message store.
+
+Flower's in-memory ``LinkState`` stores and validates every message and reply; Flower's
+``InMemoryGrid`` is the ServerApp's grid; ``flwr.server.run_serverapp.run`` executes the
+ServerApp in the calling thread. Two changes make them event-driven (``fedens.simulate``'s
+docstring has the measurements): the LinkState hands each stored message to the actors' queue
+at once and wakes the grid when a reply is stored, so nothing polls.
+
+One thread per actor executes the queued messages (``SimulatedRun._serve``), keeping each
+node's ``Context``. A thread takes several messages per Ray call when many are waiting (a
+round's train messages arrive together): a Ray actor call costs about 2 ms here, as much as a
+small client's training, so one call per message would double a round. It takes a share that
+shrinks as the queue empties (guided self-scheduling: ``ceil(waiting / (2 * actors))``), so
+the actors still finish a round together when clients differ in size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.common.constant import (
+    HEARTBEAT_INTERVAL_INF,
+    NOOP_ACCOUNT_NAME,
+    NOOP_FLWR_AID,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    RUN_ID_NUM_BYTES,
+    SUPERLINK_NODE_ID,
+    TASK_ID_NUM_BYTES,
+    ErrorCode,
+)
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.server.run_serverapp import run as run_serverapp
+from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.serverapp import ServerApp
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.date import now
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+if TYPE_CHECKING:
+    from fedens.simulate import _ActorPool, _Shared
+
+log = logging.getLogger("fedens")
+
+
+class _LinkState(InMemoryLinkState):
+    """Flower's in-memory LinkState that queues every stored message for the actors and wakes
+    the grid whenever a reply is stored, instead of being polled.
+
+    ``queued`` (messages for the actors) and ``arrived`` (ids of messages whose reply is stored
+    and not yet pulled) are guarded by the conditions ``work`` and ``replied``."""
+
+    def __init__(self) -> None:
+        super().__init__(NoOpFederationManager(), ObjectStoreFactory().store())
+        self.work = threading.Condition()
+        self.replied = threading.Condition()
+        self.queued: deque[Message] = deque()
+        self.arrived: set[str] = set()
+        self.closed = False
+
+    def store_message_ins(self, message: Message) -> str | None:
+        message_id = super().store_message_ins(message)
+        if message_id is not None:
+            message.metadata.delivered_at = now().isoformat()  # taken by the simulated fleet
+            with self.work:
+                self.queued.append(message)
+                self.work.notify()
+        return message_id
+
+    def store_message_res(self, message: Message) -> str | None:
+        message_id = super().store_message_res(message)
+        with self.replied:
+            self.arrived.add(message.metadata.reply_to_message_id)
+            self.replied.notify_all()
+        return message_id
+
+    def take(self, workers: int) -> list[Message] | None:
+        """Block until messages are queued; take a share for one actor call (None: closed)."""
+        with self.work:
+            while not self.queued and not self.closed:
+                self.work.wait()
+            if self.closed:
+                return None
+            share = math.ceil(len(self.queued) / (2 * workers))
+            batch: list[Message] = []
+            nodes: set[int] = set()
+            while self.queued and len(batch) < share:
+                if self.queued[0].metadata.dst_node_id in nodes:
+                    break  # one message per node per call: its context must be the latest
+                batch.append(self.queued.popleft())
+                nodes.add(batch[-1].metadata.dst_node_id)
+            return batch
+
+    def close(self) -> None:
+        with self.work:
+            self.closed = True
+            self.queued.clear()
+            self.work.notify_all()
+
+
+class EngineGrid(InMemoryGrid):
+    """The ServerApp's grid: Flower's ``InMemoryGrid`` that waits for replies on a condition
+    instead of sleeping, lists the simulated nodes without scanning the LinkState (they never
+    leave), and knows each node's partition id (``partition_of``)."""
+
+    def __init__(self, factory: LinkStateFactory, partition_of: dict[int, int]) -> None:
+        super().__init__(state_factory=factory)
+        self.link: _LinkState = factory.state()  # type: ignore[assignment]
+        self.partition_of = partition_of
+        self._node_ids = list(partition_of)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        # Hold the actors back until all of them are stored, so that they split the whole
+        # batch between them rather than the first messages to arrive.
+        with self.link.work:
+            ids = list(super().push_messages(messages))
+        return ids
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        link = self.link
+        with link.replied:
+            while pending:
+                # pull only what has arrived: pulling every pending id on every wake-up would
+                # cost O(messages^2) per round
+                if ready := pending & link.arrived:
+                    link.arrived -= ready
+                    found = list(self.pull_messages(ready))
+                    replies.extend(found)
+                    pending -= {m.metadata.reply_to_message_id for m in found}
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    replies.extend(self.pull_messages(pending))  # Flower's answer for the missing ones
+                    break
+                link.replied.wait(timeout=1.0 if left is None else min(left, 1.0))
+        return replies
+
+
+class SimulatedRun:
+    """One run: a fresh LinkState with ``num_nodes`` registered nodes, one thread per actor
+    that executes queued messages, and the ServerApp in the calling thread."""
+
+    def __init__(self, num_nodes: int, pool: _ActorPool, app: _Shared) -> None:
+        self.pool, self.app = pool, app
+        self.key = uuid.uuid4().int
+        self.state = _LinkState()
+        self.run = self._register_run()
+        self.partition_of = self._register_nodes(num_nodes)
+        self.contexts: dict[int, Context] = {}  # made when a node gets its first message
+
+    def _register_run(self) -> Run:
+        """The run and its primary task in the LinkState, and the task identity every Message
+        takes its run id from (as ``run_simulation`` sets them)."""
+        run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+        run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+        run.federation_id = NOOP_FEDERATION_ID
+        self.state.run_ids[run.run_id] = RunRecord(run=run)
+        self.state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+        return run
+
+    def _register_nodes(self, num_nodes: int) -> dict[int, int]:
+        partition_of: dict[int, int] = {}
+        for pid in range(num_nodes):
+            node_id = self.state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32),
+                                             heartbeat_interval=HEARTBEAT_INTERVAL_INF)
+            self.state.acknowledge_node_heartbeat(node_id=node_id, heartbeat_interval=HEARTBEAT_INTERVAL_INF)
+            partition_of[node_id] = pid
+        return partition_of
+
+    def context(self, node_id: int) -> Context:
+        ctx = self.contexts.get(node_id)
+        if ctx is None:
+            config = {PARTITION_ID_KEY: self.partition_of[node_id], NUM_PARTITIONS_KEY: len(self.partition_of)}
+            ctx = Context(run_id=self.run.run_id, node_id=node_id, node_config=config, state=RecordDict(), run_config={})
+        return ctx
+
+    def execute(self, server_app: ServerApp) -> Context:
+        factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+        factory.state_instance = self.state
+        grid = EngineGrid(factory, self.partition_of)
+        grid.set_run(self.run)
+        workers = [threading.Thread(target=self._serve, args=(i,), name=f"fedens-actor-{i}", daemon=True)
+                   for i in range(len(self.pool.actors))]
+        for w in workers:
+            w.start()
+        context = Context(run_id=self.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        try:
+            return run_serverapp(grid=grid, context=context, server_app_dir="", loaded_server_app=server_app)
+        finally:
+            self.state.close()
+            for w in workers:
+                w.join()
+
+    def _serve(self, slot: int) -> None:
+        """Execute shares of the queued messages on this thread's actor, store the replies."""
+        import ray
+
+        workers = len(self.pool.actors)
+        while (batch := self.state.take(workers)) is not None:
+            jobs = [(m, self.context(m.metadata.dst_node_id)) for m in batch]
+            try:
+                results = ray.get(self.pool.actors[slot].call.remote(self.key, self.app, jobs))
+            except ray.exceptions.RayActorError as err:  # the actor died: replace it
+                results = [(None, None, (f"actor died: {type(err).__name__}", str(err)))] * len(batch)
+                self.pool.actors[slot] = self.pool.new_actor()
+            except Exception as err:  # e.g. a message that cannot be serialised
+                results = [(None, None, (f"{type(err).__name__}: {err}", "".join(traceback.format_exception(err))))] * len(batch)
+            for message, (reply, context, failure) in zip(batch, results):
+                node_id = message.metadata.dst_node_id
+                if failure is None:
+                    self.contexts[node_id] = context
+                else:  # the reply is an error message, as in Flower's runtime; the context is kept
+                    reason, trace = failure
+                    log.debug("node %s (partition %s) failed: %s\n%s", node_id, self.partition_of.get(node_id), reason, trace)
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+                reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+                self.state.store_message_res(reply)

@@ -11,7 +11,7 @@ A comparison file::
       ivon: {learner.kind: ivon}
 
 Each variant runs as its own scenario (``base`` + ``overrides`` + the variant's dotted-key
-overrides) into ``OUT/<variant>/``; ``OUT`` gets ``comparison.md`` (a table of final metrics,
+overrides) into ``OUT/<variant>/``, all of them in one warm engine (``fedens.Session``); ``OUT`` gets ``comparison.md`` (a table of final metrics,
 bytes and wall time), ``comparison.json`` and ``comparison.png`` (accuracy, NLL and ECE against
 round, one line per variant), and for decentralized variants ``layer_variance.png`` (the nodes'
 weight variance against round). Every variant is validated before the first one runs.
@@ -133,14 +133,18 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), verbose: bool = False) -> list[dict[str, Any]]:
     """Run every variant into ``out/<variant>`` and write the comparison files; returns the table."""
     from fedens import plots
-    from fedens.api import run
+    from fedens.api import Session
 
     cmp, scenarios = load_comparison(path, list(extra))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table, curves, all_rows = [], {}, {}
-    for name, scn in scenarios.items():
-        result = run(scn, out=out / name, verbose=verbose)
+    first = next(iter(scenarios.values()))
+    # One warm engine for every variant: Ray, the actors and each data build start once.
+    with Session(ray_num_cpus=first.engine.ray_num_cpus, verbose=verbose, telemetry=first.engine.telemetry,
+                 resources={"num_cpus": first.resources.num_cpus, "num_gpus": first.resources.num_gpus}) as session:
+        results = {name: session.run(scn, out=out / name) for name, scn in scenarios.items()}
+    for name, result in results.items():
         test = result.final.get("global-test", {})
         train = result.scope("train")
         table.append({

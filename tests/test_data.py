@@ -314,3 +314,31 @@ def test_client_splits_pickle_small_and_equal():
         assert back.clients[i].train.x.flags.writeable
     with pytest.raises(IndexError):
         fd.clients[1000]
+
+
+def _reference_stratified_split(y, fraction, rng):
+    """stratified_split as first written (np.unique, flatnonzero per class, setdiff1d): the
+    faster one must give the very same splits, or every seeded result would change."""
+    n = len(y)
+    k = min(max(round(fraction * n), 1 if fraction > 0 else 0), n - 1)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = k * counts / n
+    take = np.floor(quota).astype(int)
+    perm = rng.permutation(len(classes))
+    best = perm[np.argsort(-(quota - take)[perm], kind="stable")]
+    take[best[: k - take.sum()]] += 1
+    held = np.concatenate([rng.choice(np.flatnonzero(y == c), t, replace=False) for c, t in zip(classes, take)])
+    return np.setdiff1d(np.arange(n), held), np.sort(held)
+
+
+def test_stratified_split_equals_the_reference_implementation():
+    gen = np.random.default_rng(0)
+    for trial in range(400):
+        n = int(gen.integers(2, 300))
+        y = gen.integers(0, int(gen.integers(1, 12)), n).astype(np.int64)
+        fraction = float(gen.choice([0.0, 0.05, 0.1, 0.2, 0.5, 0.9]))
+        a = federated.stratified_split(y, fraction, np.random.default_rng([trial, 1]))
+        b = _reference_stratified_split(y, fraction, np.random.default_rng([trial, 1]))
+        for x, z in zip(a, b):
+            np.testing.assert_array_equal(x, z)
+            assert x.dtype == z.dtype

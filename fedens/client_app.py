@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedens.data import ClientData, load_client_data, load_server_data
+from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
 from fedens.objectives import objective_from_config
-from fedens.payload import ROUND_KEY, from_record, single_arrayrecord, to_record
+from fedens.payload import ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed, seed_torch, seeded_generator
 
@@ -44,8 +44,8 @@ def select_device(num_gpus: float) -> torch.device:
 
 def message_round(msg: Message) -> int:
     """The server round a message belongs to (stamped by the fedens grid)."""
-    rec = msg.content.config_records.get(ROUND_KEY)
-    return int(rec["round"]) if rec is not None and "round" in rec else 0
+    rec = msg.content.get(ROUND_KEY)
+    return int(rec["round"]) if isinstance(rec, ConfigRecord) and "round" in rec else 0
 
 
 def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | None = None) -> ClientApp:
@@ -64,6 +64,14 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             install(scn.data, scn.seed, data_source())
         return int(context.node_config["partition-id"])
 
+    def client_data(pid: int) -> ClientData:
+        if "data" not in reusable:  # looked up once: the cache key is the config's canonical JSON
+            reusable["data"] = build_federated_data(scn.data, scn.seed)
+        clients = reusable["data"].clients
+        if not 0 <= pid < len(clients):
+            raise ValueError(f"partition id {pid} out of range 0..{len(clients) - 1}")
+        return clients[pid]
+
     def new_learner() -> Learner:
         if "learner" in reusable:
             learner = reusable["learner"]
@@ -77,7 +85,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
 
     def setup(msg: Message, context: Context) -> tuple[int, ClientData, Learner, dict[str, np.ndarray]]:
         pid = prepare(context)
-        data = load_client_data(scn.data, scn.seed, pid)  # installed or built once per actor
+        data = client_data(pid)  # installed or built once per actor
         learner = new_learner()
         arrays = from_record(single_arrayrecord(msg.content))
         learner.set_arrays(arrays)
@@ -90,8 +98,8 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         server_round = message_round(msg)
         generator = seeded_generator(scn.seed, server_round, pid)
         # A strategy's client-side term (prox, duals, ...) with this client's persistent state.
-        config = msg.content.config_records.get("config", {})
-        state = context.state.array_records.get(OBJECTIVE_STATE)
+        config = records_of(msg.content, ConfigRecord).get("config", {})
+        state = records_of(context.state, ArrayRecord).get(OBJECTIVE_STATE)
         learner.objective = objective_from_config(
             config, from_record(state) if state is not None else {}, global_arrays, device, len(data)
         )
@@ -121,7 +129,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:
         pid = prepare(context)
-        data = load_client_data(scn.data, scn.seed, pid)
+        data = client_data(pid)
         facts = {"partition-id": pid, "num-train": len(data.train), "num-val": len(data.val)}
         return Message(content=RecordDict({"info": ConfigRecord(facts)}), reply_to=msg)
 
@@ -132,7 +140,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         reply lists, per member of each candidate, ``<key>.accuracy``, ``<key>.nll`` and
         ``<key>.confidence`` (mean max-probability). An empty split scores nothing."""
         pid = prepare(context)
-        data = load_client_data(scn.data, scn.seed, pid).val
+        data = client_data(pid).val
         learner = new_learner()
         labels = torch.from_numpy(data.y).long()
         scores: dict[str, list[float]] = {}
@@ -155,7 +163,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         from fedens.decentralized.rules import GossipContext, make_rule
 
         pid = prepare(context)
-        data = load_client_data(scn.data, scn.seed, pid)
+        data = client_data(pid)
         learner = new_learner()
         inp = gossip_node.unpack_gossip(msg.content)
         own = gossip_node.own_model(context.state, inp.init)

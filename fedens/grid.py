@@ -23,11 +23,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from fedens.payload import ROUND_KEY, record_nbytes
+from fedens.payload import ROUND_KEY, record_nbytes, records_of
 from fedens.seeding import derive_seed
 
 
@@ -147,7 +147,7 @@ class FedensGrid(Grid):
             self.traffic.bytes_received += nbytes
             self._client(msg.metadata.src_node_id)[1] += nbytes
             if kind in ("train", "evaluate"):
-                metrics = {k: v for rec in msg.content.metric_records.values() for k, v in rec.items()}
+                metrics = {k: v for rec in records_of(msg.content, MetricRecord).values() for k, v in rec.items()}
                 getattr(self.traffic, kind)[pid] = metrics
         self.traffic.failures += failed
         if replies and len(failed) == len(replies) and all(m.metadata.message_type.startswith("train") for m in replies):

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
+T = TypeVar("T")
 ROUND_KEY = "fedens"  # a ConfigRecord the fedens grid adds to every message: {"round": r}
 
 
@@ -51,8 +53,12 @@ def to_array(a: np.ndarray) -> NpyArray:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named arrays -> ``ArrayRecord`` (insertion order kept)."""
-    return ArrayRecord({k: to_array(v) for k, v in arrays.items()})
+    """Named arrays -> ``ArrayRecord`` (insertion order kept). Filled item by item: the
+    ``ArrayRecord(dict)`` constructor copies every array into a plain ``Array``."""
+    record = ArrayRecord()
+    for k, v in arrays.items():
+        record[k] = to_array(v)
+    return record
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -60,9 +66,16 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: NpyArray.numpy(v) for k, v in record.items()}
 
 
+def records_of(content: RecordDict, kind: type[T]) -> dict[str, T]:
+    """The records of one kind in a message's content, by key. The same as Flower's
+    ``content.array_records`` (and ``metric_records``, ...) without building the synced view
+    that each of those properties makes, a cost paid on every message."""
+    return {k: r for k, r in content.items() if isinstance(r, kind)}
+
+
 def single_arrayrecord(content: RecordDict) -> ArrayRecord:
     """The one ArrayRecord of a message, whatever key the strategy stored it under."""
-    records = list(content.array_records.values())
+    records = list(records_of(content, ArrayRecord).values())
     if len(records) != 1:
         raise ValueError(f"expected one ArrayRecord in the message, found {len(records)}")
     return records[0]
@@ -71,4 +84,4 @@ def single_arrayrecord(content: RecordDict) -> ArrayRecord:
 def record_nbytes(content: RecordDict) -> int:
     """Bytes of array data a message carries (the model payload; config and metrics, a few
     dozen bytes, are not counted)."""
-    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    return sum(len(a.data) for rec in records_of(content, ArrayRecord).values() for a in rec.values())

@@ -88,6 +88,7 @@ class RunRecorder:
             "seed": self.scn.seed,
             "rounds": self.scn.rounds,
             "rounds_done": max((r["round"] for r in self.rows), default=-1),
+            "started_at": self.started,  # Unix time of the run's start; rows' time_s count from it
             "wall_time_s": round(time.time() - self.started, 3),
             "final": self.final_metrics(),
             "bytes_sent": sum(r.get("bytes_sent", 0) for r in self.rows),

@@ -126,6 +126,9 @@ class EvaluateConfig(_Strict):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and round 0 and the last)")
     n_bins: int = Field(10, ge=2, description="equal-width ECE bins, as in the IVON and LoRA-Ensemble papers")
     batch_size: int = Field(512, ge=1)
+    max_clients: int | None = Field(
+        100, ge=1, description="at most this many clients evaluate per round (a seeded sample); None: no cap"
+    )
 
 
 class ResourcesConfig(_Strict):

@@ -54,3 +54,19 @@ def test_preflight_rejects_resources_this_machine_cannot_give(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ScenarioError, match="resources.num_gpus: 0.5 GPU per client, but no GPU is visible"):
         preflight(load_scenario({"resources": {"num_gpus": 0.5}}))
+
+
+@pytest.mark.parametrize("n,fraction,expected", [
+    (10, 1.0, 10), (100, 1.0, 100), (101, 1.0, 100), (3000, 1.0, 100), (30000, 1.0, 100), (99999, 1.0, 100),
+    (100000, 0.001, 100), (100000, 0.0005, 50), (1000, 0.05, 50), (10, 0.0, 0),
+])
+def test_at_most_max_clients_evaluate(n: int, fraction: float, expected: int):
+    """Flower's FedAvg samples int(N * fraction_evaluate) clients; the cap must hold exactly
+    (floating-point rounding must not give 99), and a smaller request is left alone."""
+    from fedens.server_app import evaluate_fraction
+
+    scn = load_scenario({"data": {"dataset": "synthetic", "params": {"num_samples": 20 * n}, "num_clients": n},
+                         "fraction_evaluate": fraction})
+    assert int(n * evaluate_fraction(scn)) == expected
+    uncapped = load_scenario({"data": {"num_clients": 10}, "evaluate": {"max_clients": None}})
+    assert evaluate_fraction(uncapped) == 1.0

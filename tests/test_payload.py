@@ -44,3 +44,10 @@ def test_record_round_trip_keeps_order_and_values():
     arrays = {"b": np.ones(3, np.float32), "a": np.arange(6).reshape(2, 3)}
     back = from_record(to_record(arrays))
     assert list(back) == ["b", "a"] and all(np.array_equal(back[k], arrays[k]) for k in arrays)
+
+
+def test_records_keep_the_fast_arrays_through_pickling():
+    """Flower's FedAvg calls ``Array.numpy()`` on every reply: the replies must carry NpyArray
+    after Ray pickles them (the ArrayRecord(dict) constructor would make plain Arrays)."""
+    record = pickle.loads(pickle.dumps(to_record({"w": np.ones((2, 2), np.float32)})))
+    assert type(record["w"]) is NpyArray

@@ -57,7 +57,7 @@ log = logging.getLogger("fedens")
 
 # What Ray's worker processes import before they accept work: everything a ClientApp call
 # needs (torch, Flower, fedens' learners), paid while Ray is still starting.
-PRELOAD = ["fedens.client_app", "fedens.simulate"]
+PRELOAD = ["fedens.client_app", "fedens.simulate", "torch._dynamo"]
 Resources = dict[str, float]
 
 

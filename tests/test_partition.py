@@ -83,17 +83,54 @@ def test_more_clients_than_examples():
         partition_indices(LABELS[:4], 5, IID, seed=0)
 
 
-@pytest.mark.parametrize("n,k", [(10, 3), (1797, 10), (100, 100), (1000, 7), (5003, 1000)])
-def test_iid_shards_are_flwr_datasets_iid_partitions(n, k):
-    """fedens cuts iid shards itself (flwr-datasets' per-partition Dataset.shard costs ~1 ms, so
-    100 s for 100,000 clients); they must be IidPartitioner's shards."""
+def flwr_datasets_partitions(labels: np.ndarray, k: int, cfg, seed: int) -> list[np.ndarray]:
+    """The same split made by flwr-datasets itself, as fedens first did it."""
+    import warnings
+
     import flwr_datasets.partitioner as P
     from datasets import Dataset
 
-    from fedens.data.partition import iid_shards
+    make = {
+        "iid": lambda: P.IidPartitioner(k),
+        "dirichlet": lambda: P.DirichletPartitioner(k, partition_by="label", alpha=cfg.alpha,
+                                                    min_partition_size=cfg.min_partition_size, self_balancing=False, seed=seed),
+        "pathological": lambda: P.PathologicalPartitioner(k, partition_by="label", num_classes_per_partition=cfg.classes_per_client,
+                                                          class_assignment_mode="first-deterministic", seed=seed),
+    }[cfg.kind]
+    order = np.random.default_rng(seed).permutation(len(labels))
+    part = make()
+    part.dataset = Dataset.from_dict({"idx": order, "label": labels[order]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(k)]
 
-    order = np.random.default_rng(n).permutation(n)
-    ref = P.IidPartitioner(k)
-    ref.dataset = Dataset.from_dict({"idx": order, "label": np.zeros(n, np.int64)})
-    for i, shard in enumerate(iid_shards(order, k)):
-        np.testing.assert_array_equal(shard, np.sort(np.asarray(ref.load_partition(i)["idx"])))
+
+CASES = [
+    (IidPartition(), 10, 3), (IidPartition(), 1797, 10), (IidPartition(), 100, 100), (IidPartition(), 5003, 1000),
+    *[(DirichletPartition(kind="dirichlet", alpha=a, min_partition_size=m), n, k)
+      for a, m, n, k in [(0.5, 10, 1437, 10), (0.1, 10, 1437, 20), (1.0, 0, 300, 7), (0.3, 5, 800, 30), (2, 10, 500, 5)]],
+    *[(PathologicalPartition(kind="pathological", classes_per_client=c), n, k)
+      for c, n, k in [(2, 1437, 10), (1, 600, 4), (3, 1000, 25), (5, 800, 12)]],
+]
+
+
+@pytest.mark.parametrize("cfg,n,k", CASES, ids=lambda x: getattr(x, "kind", str(x)))
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_partitions_are_flwr_datasets_partitions(cfg, n: int, k: int, seed: int):
+    """fedens runs flwr-datasets' algorithms on numpy arrays (importing flwr-datasets costs
+    ~2.6 s per process); the partitions must be exactly theirs."""
+    labels = np.random.default_rng([n, seed]).integers(0, 10, n)
+    mine = partition_indices(labels, k, cfg, seed)
+    ref = flwr_datasets_partitions(labels, k, cfg, seed)
+    assert len(mine) == len(ref) == k
+    for a, b in zip(mine, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_impossible_dirichlet_fails_like_flwr_datasets():
+    cfg = DirichletPartition(kind="dirichlet", alpha=0.01, min_partition_size=50)
+    labels = np.random.default_rng(0).integers(0, 10, 300)
+    with pytest.raises(ValueError, match="max number of attempts"):
+        flwr_datasets_partitions(labels, 6, cfg, 0)
+    with pytest.raises(ValueError, match=r"^data.partition: cannot split 300 examples over 6 clients .*max number of attempts"):
+        partition_indices(labels, 6, cfg, 0)

@@ -125,3 +125,47 @@ def test_plugin_strategy_by_path_and_failure_keeps_finished_rounds(tmp_path: Pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and "boom in round 2" in summary["error"] and summary["rounds_done"] == 1
     assert (out / "convergence.png").exists()
+
+
+def _descendants_cmdlines(root: int) -> list[str]:
+    import os
+
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except OSError:
+                pass
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return out
+
+
+def test_ray_starts_without_unused_services(session, tiny_run: fedens.RunResult):
+    """The engine's Ray head has no dashboard API server, no autoscaler monitor and no log
+    monitor (ray.init starts all three even with include_dashboard=False)."""
+    import os
+
+    cmdlines = _descendants_cmdlines(os.getpid())
+    assert any("raylet" in c for c in cmdlines) and any("gcs_server" in c for c in cmdlines)
+    for service in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py"):
+        assert not any(service in c for c in cmdlines), service
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_share_puts_members_and_data_on_the_actors_gpu(session, tmp_path: Path):
+    """With resources.num_gpus > 0 the actors get a GPU share (Ray sets CUDA_VISIBLE_DEVICES)
+    and the learner trains on CUDA; the numbers are those of a CPU run up to float rounding."""
+    gpu = session.run({**TINY, "resources": {"num_cpus": 1, "num_gpus": 0.5}}, out=tmp_path / "gpu")
+    cpu = session.run(TINY, out=tmp_path / "cpu")
+    assert gpu.summary["status"] == "ok"
+    assert gpu.final["global-test"]["accuracy"] == pytest.approx(cpu.final["global-test"]["accuracy"], abs=0.03)

@@ -129,14 +129,17 @@ class Engine:
     def _ray_main(self) -> None:
         import ray
 
-        started = False
+        started = False  # Ray started by this engine (and so stopped by it)
         try:
-            # Workers inherit the driver's environment (raylet is its child): the driver's
-            # sys.path lets actors import what the driver can (plug-ins given as module:Class).
-            paths = [p for p in sys.path if p] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-            _start_local_ray(self.ray_num_cpus, self.verbose)
-            started = True
+            if ray.is_initialized():  # the caller's own Ray session: use it, leave it running
+                log.info("using the Ray session this process already has")
+            else:
+                # Workers inherit the driver's environment (raylet is its child): the driver's
+                # sys.path lets actors import what the driver can (plug-ins as module:Class).
+                paths = [p for p in sys.path if p] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+                os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+                _start_local_ray(self.ray_num_cpus, self.verbose)
+                started = True
             self._pool = _ActorPool(self._first_resources)
             self.ready_at = time.perf_counter()
         except BaseException as err:  # reported to the thread that waits for the engine
@@ -144,12 +147,13 @@ class Engine:
         finally:
             self._ready.set()
         self._stop.wait()
-        if started:
-            try:
-                if self._pool is not None:
-                    self._pool.terminate()
+        try:
+            if self._pool is not None:
+                self._pool.terminate()
+            if started:
                 ray.shutdown()
-            finally:
+        finally:
+            if started:
                 _stop_lean_node()
 
     def wait(self, timeout: float | None = 300.0) -> None:

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from fedens.simulate import _ActorPool, _Shared
 
 log = logging.getLogger("fedens")
+MAX_BATCH = 64  # messages per actor call: bounds a call's size and lets replies stream back
 
 
 class _LinkState(InMemoryLinkState):
@@ -105,20 +106,21 @@ class _LinkState(InMemoryLinkState):
 
     def take(self, slot: int, workers: int, wait: bool = True) -> list[Message] | None:
         """Messages for one call of actor ``slot``, marking their nodes busy (a node gets its
-        next message only once its context is back): every message planned for this actor
-        (``plan``), or else a share of the unplanned ones. With ``wait``, block until there is
+        next message only once its context is back): the messages planned for this actor
+        (``plan``), else a share of the unplanned ones, else (nothing left for it) a share of
+        another actor's. At most ``MAX_BATCH`` per call. With ``wait``, block until there is
         one; else an empty list when there is none. None: the run is over."""
         with self.work:
             while True:
                 if self.closed:
                     return None
-                free = [m for m in self.queued if m.metadata.dst_node_id not in self.busy
-                        and self.plan.get(id(m), slot) == slot]
+                free = [m for m in self.queued if m.metadata.dst_node_id not in self.busy]
                 if free or not wait:
                     break
                 self.work.wait()
-            mine = [m for m in free if id(m) in self.plan]
-            batch = mine or free[: math.ceil(len(free) / (2 * workers))]
+            own = [m for m in free if self.plan.get(id(m), slot) == slot] or free
+            mine = [m for m in own if self.plan.get(id(m)) == slot]
+            batch = (mine or own[: math.ceil(len(own) / (2 * workers))])[:MAX_BATCH]
             nodes: set[int] = set()
             batch = [m for m in batch if not (m.metadata.dst_node_id in nodes or nodes.add(m.metadata.dst_node_id))]
             taken = {id(m) for m in batch}

@@ -1,5 +1,6 @@
-"""The simulation engine: Flower's simulation runtime on a warm Ray session. The one place that
-knows how ServerApps and ClientApps are executed.
+"""The simulation engine: Flower's simulation runtime on a warm Ray session. With
+``fedens.linkstate`` (one run's message flow), the one place that knows how ServerApps and
+ClientApps are executed.
 
 The apps are Flower's (a ``ServerApp`` running a ``Strategy`` against a ``Grid``, a ``ClientApp``
 per simulated node on Ray actors), and so are the pieces that carry messages between them:
@@ -24,6 +25,8 @@ from ``flwr.simulation.run_simulation``, measured on a 2-core machine (``bench/b
 - **Shipped once.** The ClientApp (with the scenario) and the data go to Ray's object store
   once per run and per (data, seed), not with every message; an actor keeps the run's app, so a
   learner is built once per actor and run.
+- **Batched.** An actor gets its share of a round in one call, planned from the nodes'
+  previous durations (``fedens.linkstate``), and arguments travel inside the call.
 - **Lean start.** Ray's workers preload fedens' client code while Ray starts
   (``preload_python_modules``), Ray starts in its own thread while the driver prepares the run,
   and the services a simulation does not use (dashboard API server, autoscaler monitor, log
@@ -45,6 +48,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +63,7 @@ log = logging.getLogger("fedens")
 # needs (torch, Flower, fedens' learners), paid while Ray is still starting.
 PRELOAD = ["fedens.client_app", "fedens.simulate", "torch._dynamo"]
 Resources = dict[str, float]
+SHARED = 4  # shipped objects (data builds) an engine keeps in the object store, newest first
 
 
 def configure_engine(telemetry: bool, verbose: bool) -> None:
@@ -108,7 +113,7 @@ class Engine:
         self.telemetry = telemetry
         self._first_resources = dict(resources or {"num_cpus": 1.0, "num_gpus": 0.0})
         self._pool: _ActorPool | None = None
-        self._shared: dict[Hashable, Any] = {}  # key -> ObjectRef of something shipped once
+        self._shared: OrderedDict[Hashable, Any] = OrderedDict()  # key -> ObjectRef, the newest SHARED kept
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -120,6 +125,9 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
         if self._thread is None:
+            self._ready.clear()
+            self._stop.clear()
+            self._error = None
             configure_engine(self.telemetry, self.verbose)
             self.started_at = time.perf_counter()
             self._thread = threading.Thread(target=self._ray_main, name="fedens-ray", daemon=True)
@@ -193,6 +201,9 @@ class Engine:
         self.wait()
         if key not in self._shared:
             self._shared[key] = ray.put(make())
+            while len(self._shared) > SHARED:  # a long sweep must not fill the object store
+                self._shared.popitem(last=False)
+        self._shared.move_to_end(key)
         return _Shared(self._shared[key])
 
     # ------------------------------------------------------------------ one run
@@ -257,10 +268,17 @@ def _start_local_ray(num_cpus: int | None, verbose: bool) -> None:
                  _system_config=system_config)
         return
     global _LEAN_NODE
-    _LEAN_NODE = _lean_head_node(num_cpus, system_config)
+    try:
+        _LEAN_NODE = _lean_head_node(num_cpus, system_config)
+    except (TypeError, AttributeError) as err:  # Ray's internal Node API differs (not ray 2.55)
+        log.warning("lean Ray start unavailable (%s); starting Ray with ray.init", err)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=level, log_to_driver=False,
+                 _system_config=system_config)
+        return
     ray.init(address=_LEAN_NODE.address, logging_level=level, log_to_driver=False)
 
 
+# The head node this process started (one per process, as Ray allows one session per process).
 _LEAN_NODE: Any = None
 
 

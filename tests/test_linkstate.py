@@ -70,3 +70,17 @@ def test_closed_state_ends_every_worker():
     push(grid, node_of, [0, 1])
     run.state.close()
     assert run.state.take(0, workers=2) is None and not run.state.queued
+
+
+def test_an_idle_actor_takes_another_actors_planned_messages_and_batches_are_capped(monkeypatch):
+    import fedens.linkstate as L
+
+    monkeypatch.setattr(L, "MAX_BATCH", 2)
+    run, grid, node_of = make_run(6)
+    for pid in range(6):
+        run.state.seconds[(node_of[pid], "train")] = float(6 - pid)
+    push(grid, node_of, list(range(6)))  # LPT: A = {0, 3, 4}, B = {1, 2, 5}
+    assert pids(run, run.state.take(0, workers=2)) == [0, 3]  # capped at 2
+    assert pids(run, run.state.take(0, workers=2)) == [4]
+    assert pids(run, run.state.take(0, workers=2)) == [1]  # nothing of its own left: helps B
+    assert pids(run, run.state.take(1, workers=2)) == [2, 5]

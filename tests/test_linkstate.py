@@ -46,10 +46,10 @@ def test_unknown_durations_give_shrinking_shares_and_busy_nodes_wait():
     assert pids(run, first) == [0, 1, 2]  # ceil(10 / (2 * 2)), in arrival order
     assert pids(run, run.state.take(1, workers=2)) == [3, 4]  # ceil(7 / 4)
     push(grid, node_of, [0])  # node 0 has a message at an actor: its next one waits
-    rest = pids(run, run.state.take(0, workers=2, wait=False))
+    rest = pids(run, run.state.take(0, workers=2))
     assert 0 not in rest
     run.state.release(first)
-    while batch := run.state.take(1, workers=2, wait=False):
+    while batch := run.state.take(1, workers=2):
         rest += pids(run, batch)
     assert sorted(rest) == [0, 5, 6, 7, 8, 9]
 
@@ -62,14 +62,14 @@ def test_known_durations_are_planned_longest_first_one_call_per_actor():
     # LPT: 5 -> A, 4 -> B, 3 -> B (4 < 5), 2 -> A (5 < 7), 1 -> A (7 = 7, first): A = 8, B = 7
     assert pids(run, run.state.take(0, workers=2)) == [4, 1, 0]
     assert pids(run, run.state.take(1, workers=2)) == [3, 2]
-    assert run.state.take(0, workers=2, wait=False) == []
+    assert run.state.take(0, workers=2) == [] and run.state.take(0, workers=2, steal=True) == []
 
 
 def test_closed_state_ends_every_worker():
     run, grid, node_of = make_run(2)
     push(grid, node_of, [0, 1])
     run.state.close()
-    assert run.state.take(0, workers=2) is None and not run.state.queued
+    assert run.state.take(0, workers=2) == [] and not run.state.queued and not run.state.wait_for_work()
 
 
 def test_an_idle_actor_takes_another_actors_planned_messages_and_batches_are_capped(monkeypatch):
@@ -82,5 +82,6 @@ def test_an_idle_actor_takes_another_actors_planned_messages_and_batches_are_cap
     push(grid, node_of, list(range(6)))  # LPT: A = {0, 3, 4}, B = {1, 2, 5}
     assert pids(run, run.state.take(0, workers=2)) == [0, 3]  # capped at 2
     assert pids(run, run.state.take(0, workers=2)) == [4]
-    assert pids(run, run.state.take(0, workers=2)) == [1]  # nothing of its own left: helps B
+    assert run.state.take(0, workers=2) == []  # nothing of its own left ...
+    assert pids(run, run.state.take(0, workers=2, steal=True)) == [1]  # ... so it helps B
     assert pids(run, run.state.take(1, workers=2)) == [2, 5]

@@ -164,7 +164,7 @@ def main() -> None:
 
     import fedens
 
-    reps = 2 if args.quick else 5
+    reps = 2 if args.quick else 7
     tmp = Path(tempfile.mkdtemp(prefix="fedens-bench-"))
     print(f"fedens engine bench ({os.cpu_count()} CPUs); results under {tmp}\n")
 

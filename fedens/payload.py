@@ -14,6 +14,7 @@ member k with member k.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping
 from typing import TypeVar
@@ -47,9 +48,15 @@ def to_array(a: np.ndarray) -> NpyArray:
     """An array as Flower's ``.npy`` bytes (``np.save``'s, byte for byte) in an ``NpyArray``;
     at least 1-d and C-contiguous, as ``np.ascontiguousarray`` makes it."""
     a = np.ascontiguousarray(a)
+    return NpyArray(str(a.dtype), tuple(a.shape), "numpy.ndarray", _npy_header(a.dtype.str, a.shape) + a.tobytes())
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` 1.0 header of a C-ordered array (the same few shapes travel every round)."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(a))
-    return NpyArray(str(a.dtype), tuple(a.shape), "numpy.ndarray", header.getvalue() + a.tobytes())
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return header.getvalue()
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -33,7 +33,7 @@ def rows(ds: ArrayDataset) -> set[bytes]:
 
 
 def test_registered():
-    assert DATASETS.names() == ["digits", "hf_disk", "image_folder", "synthetic"]
+    assert DATASETS.names() == ["digits", "hf_disk", "image_folder", "mnist1d", "synthetic"]
 
 
 def test_digits():
@@ -342,3 +342,29 @@ def test_stratified_split_equals_the_reference_implementation():
         for x, z in zip(a, b):
             np.testing.assert_array_equal(x, z)
             assert x.dtype == z.dtype
+
+
+def test_mnist1d_is_the_packages_generator_without_touching_global_random_state():
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from fedens.data.datasets import Mnist1dOptions, load_mnist1d
+
+    np.random.seed(123)
+    random.seed(123)
+    before = (np.random.random(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    ds = load_mnist1d(Mnist1dOptions(num_samples=500), 0)
+    assert (np.random.random(), random.random()) == before  # the generator's global seeding is undone
+    assert ds.x.shape == (500, 1, 40) and ds.x.dtype == np.float32
+    np.testing.assert_array_equal(np.bincount(ds.y), [50] * 10)
+    args = get_dataset_args()
+    args.num_samples = 500
+    ref = make_dataset(args)
+    np.testing.assert_array_equal(ds.x[:, 0], np.concatenate([ref["x"], ref["x_test"]]).astype(np.float32))
+    np.testing.assert_array_equal(ds.y, np.concatenate([ref["y"], ref["y_test"]]))
+    # the scenario seed does not change the signals; the generator's does
+    np.testing.assert_array_equal(load_mnist1d(Mnist1dOptions(num_samples=500), 7).x, ds.x)
+    assert not np.array_equal(load_mnist1d(Mnist1dOptions(num_samples=500, seed=1), 0).x, ds.x)

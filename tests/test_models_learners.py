@@ -91,3 +91,17 @@ def test_registered_learners():
 def test_array_dataset_checks_dtypes():
     with pytest.raises((TypeError, ValueError)):
         ArrayDataset(np.zeros((2, 3)), np.zeros(2, dtype=np.int64))
+
+
+def test_cnn1d_shapes_and_parameter_count_by_hand():
+    from fedens.models import MODELS, build_model
+
+    net = build_model("cnn1d", {}, (1, 40), 10)
+    assert net(torch.zeros(3, 1, 40)).shape == (3, 10)
+    # convs 1->25, 25->25, 25->25 with kernel 5: 150 + 3150 + 3150; length 40 -> 20 -> 10 -> 5;
+    # head 25 * 5 -> 10: 1260
+    assert sum(p.numel() for p in net.parameters()) == 150 + 3150 + 3150 + 1260
+    spec = MODELS.get("cnn1d")
+    assert "signals" in spec.check(spec.Options(), (1, 8, 8))
+    assert spec.check(spec.Options(channels=[8] * 6), (1, 40)) is not None  # 2^6 > 40
+    assert spec.check(spec.Options(), (1, 40)) is None

@@ -11,7 +11,8 @@ from fedens.models.vit import ViTOptions, check_vit
 from fedens.scenario import ScenarioError, load_scenario
 
 
-@pytest.mark.parametrize("shape,patch,tokens", [((1, 8, 8), 2, 16), ((1, 28, 28), 4, 49), ((1, 28, 28), 7, 16), ((3, 32, 32), 4, 64)])
+@pytest.mark.parametrize("shape,patch,tokens", [((1, 8, 8), 2, 16), ((1, 28, 28), 4, 49), ((1, 28, 28), 7, 16), ((3, 32, 32), 4, 64),
+                                                 ((1, 40), 4, 10)])  # a 1-D signal: 40 samples in patches of 4
 def test_vit_maps_images_to_logits(shape, patch, tokens):
     model = build_model("vit", {"patch": patch, "dim": 32, "heads": 4}, shape, 7)
     assert model.pos.shape == (1, tokens + 1, 32)  # class token + one token per patch
@@ -41,6 +42,7 @@ def test_check_rejects_bad_inputs():
     assert "divide" in check_vit(ViTOptions(patch=3), (1, 8, 8))
     assert "divide" in check_vit(ViTOptions(patch=5), (1, 28, 28))
     assert "image" in check_vit(ViTOptions(), (64,))
+    assert check_vit(ViTOptions(patch=4), (1, 40)) is None and "divide" in check_vit(ViTOptions(patch=3), (1, 40))
     with pytest.raises(ValueError, match="divide"):
         build_model("vit", {"patch": 3}, (1, 8, 8), 10)
     with pytest.raises(ValueError, match="heads"):

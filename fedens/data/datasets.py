@@ -97,6 +97,49 @@ def load_synthetic(o: SyntheticOptions, seed: int) -> ArrayDataset:
 DATASETS.add("synthetic", DatasetSpec(SyntheticOptions, load_synthetic, _synthetic_shape, lambda o: o.num_classes))
 
 
+# --------------------------------------------------------------------------- mnist1d
+
+
+class Mnist1dOptions(DatasetOptions):
+    """MNIST-1D (Greydanus & Kobak, "Scaling Down Deep Learning with MNIST-1D", ICML 2024):
+    ten 1-D digit templates, padded, scaled, sheared, translated and noised into signals of
+    length 40, made by the ``mnist1d`` package's own generator (``make_dataset``), so nothing is
+    downloaded. The defaults are the package's, which give the published dataset (5,000
+    signals, generator seed 42). ``seed`` here is the generator's: fedens' scenario seed changes
+    the splits, not the signals."""
+
+    num_samples: int = Field(5000, ge=20, description="signals, balanced over the 10 classes")
+    seed: int = Field(42, ge=0, description="the generator's seed; 42 gives the published dataset")
+    iid_noise_scale: float = Field(2e-2, ge=0, description="white noise added to every signal")
+    corr_noise_scale: float = Field(0.25, ge=0, description="smoothed (correlated) noise")
+    shuffle_seq: bool = Field(False, description="permute the 40 positions (destroys locality)")
+
+
+def load_mnist1d(o: Mnist1dOptions, seed: int) -> ArrayDataset:
+    """``(n, 1, 40)`` float32 signals (one channel, for 1-D convolutions) and labels 0..9; the
+    package's train and test parts together (fedens makes its own stratified test split). The
+    generator seeds NumPy's and Python's global random states; they are restored afterwards."""
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    for key in ("num_samples", "seed", "iid_noise_scale", "corr_noise_scale", "shuffle_seq"):
+        setattr(args, key, getattr(o, key))
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)[:, None, :]
+    y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
+    return ArrayDataset(x, y)
+
+
+DATASETS.add("mnist1d", DatasetSpec(Mnist1dOptions, load_mnist1d, lambda o: (1, 40), lambda o: 10))
+
+
 # --------------------------------------------------------------------------- image_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")

@@ -6,7 +6,7 @@ step or a prediction costs one forward pass over ``M * batch`` rows instead of M
 - ``tile`` / ``untile``: the layout is member-major, rows ``[k*B, (k+1)*B)`` of a tiled batch
   belong to member k (``x.repeat``; the FiLM-Ensemble code interleaves instead, which is the same
   computation since every member-aware layer slices the batch by member).
-- ``rewrite``: turns the scenario's ``nn.Sequential`` (Linear/Conv2d/ReLU/pooling/Flatten/Dropout)
+- ``rewrite``: turns the scenario's ``nn.Sequential`` (Linear/Conv1d/Conv2d/ReLU/pooling/Flatten/Dropout)
   into a member-aware one, keeping the child names, so shared tensors keep their ``state_dict``
   names (``1.weight``) and FedAvg pairs them with a plain network's. Parameter-free layers act
   row by row and need no change; any other layer with parameters is refused, because silently
@@ -35,7 +35,8 @@ from fedens.data import ArrayDataset
 from fedens.learners.base import Learner, make_optimizer, minibatches
 from fedens.scenario import TrainConfig
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
 
 
 def tile(x: torch.Tensor, members: int) -> torch.Tensor:
@@ -54,18 +55,18 @@ def per_member(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(v.shape[0], 1, v.shape[1], *([1] * (ndim - 2)))
 
 
-def conv_kwargs(conv: nn.Conv2d) -> dict[str, Any]:
-    """``F.conv2d`` keyword arguments of a plain conv layer (grouped or padded-mode convs are not
-    rewritten: their member-aware forms would be different layers)."""
+def conv_kwargs(conv: nn.Conv1d | nn.Conv2d) -> dict[str, Any]:
+    """``F.conv1d`` / ``F.conv2d`` keyword arguments of a plain conv layer (grouped or
+    padded-mode convs are not rewritten: their member-aware forms would be different layers)."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
-        raise TypeError(f"implicit ensembles support Conv2d with groups=1 and zero padding, got {conv}")
+        raise TypeError(f"implicit ensembles support Conv1d/Conv2d with groups=1 and zero padding, got {conv}")
     return {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
 
 
 def rewrite(model: nn.Module, make: Callable[[str, nn.Module, bool], dict[str, nn.Module]]) -> nn.Sequential:
     """A member-aware copy of a sequential net.
 
-    ``make(name, layer, is_last)`` is called for every Linear/Conv2d child (``is_last`` marks the
+    ``make(name, layer, is_last)`` is called for every Linear/Conv1d/Conv2d child (``is_last`` marks the
     output layer) and returns the modules that take its place, in order: ``{name: new}`` swaps it,
     ``{name: layer, f"{name}_x": extra}`` inserts ``extra`` after it. Other children are kept.
     """
@@ -73,7 +74,7 @@ def rewrite(model: nn.Module, make: Callable[[str, nn.Module, bool], dict[str, n
         raise TypeError(f"implicit ensembles rewrite an nn.Sequential model, got {type(model).__name__}")
     names = [n for n, m in model.named_children() if isinstance(m, WEIGHT_LAYERS)]
     if not names:
-        raise TypeError("implicit ensembles need a model with Linear or Conv2d layers")
+        raise TypeError("implicit ensembles need a model with Linear or Conv1d/Conv2d layers")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for name, child in model.named_children():
         if isinstance(child, WEIGHT_LAYERS):

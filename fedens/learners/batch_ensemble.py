@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedens.learners import LEARNERS
-from fedens.learners._implicit import TiledEnsembleLearner, conv_kwargs, per_member, rewrite, untile
+from fedens.learners._implicit import CONV_FUNCTIONS, TiledEnsembleLearner, conv_kwargs, per_member, rewrite, untile
 
 
 class BatchEnsembleOptions(BaseModel):
@@ -46,7 +46,7 @@ class BatchEnsembleOptions(BaseModel):
 
 
 class BatchEnsembleLayer(nn.Module):
-    """A Linear or Conv2d layer with a shared weight and per-member rank-1 factors.
+    """A Linear, Conv1d or Conv2d layer with a shared weight and per-member rank-1 factors.
 
     Tensors: ``weight`` as the wrapped layer's (shared), ``r`` ``(M, out)``, ``s`` ``(M, in)``,
     ``bias`` ``(M, out)``. Maps a tiled batch ``(M*B, in, *spatial)`` to ``(M*B, out, *spatial')``.
@@ -54,9 +54,11 @@ class BatchEnsembleLayer(nn.Module):
 
     member_tensors = ("r", "s", "bias")
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, members: int, fast_init: Callable[[tuple[int, int]], torch.Tensor]) -> None:
+    def __init__(self, layer: nn.Linear | nn.Conv1d | nn.Conv2d, members: int,
+                 fast_init: Callable[[tuple[int, int]], torch.Tensor]) -> None:
         super().__init__()
-        self.conv = conv_kwargs(layer) if isinstance(layer, nn.Conv2d) else None
+        self.conv = None if isinstance(layer, nn.Linear) else conv_kwargs(layer)
+        self.conv_fn = None if isinstance(layer, nn.Linear) else CONV_FUNCTIONS[type(layer)]
         out_f, in_f = layer.weight.shape[:2]
         bias = layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(out_f)
         self.weight = nn.Parameter(layer.weight.detach().clone())
@@ -67,7 +69,7 @@ class BatchEnsembleLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.r.shape[0]
         x = (untile(x, m) * per_member(self.s, x.ndim)).flatten(0, 1)  # x ⊙ s_i on member i's rows
-        y = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, **self.conv)
+        y = F.linear(x, self.weight) if self.conv is None else self.conv_fn(x, self.weight, **self.conv)
         return (untile(y, m) * per_member(self.r, y.ndim) + per_member(self.bias, y.ndim)).flatten(0, 1)
 
 

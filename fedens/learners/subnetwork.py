@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedens.learners import LEARNERS
-from fedens.learners._implicit import WEIGHT_LAYERS, TiledEnsembleLearner, conv_kwargs, rewrite, untile
+from fedens.learners._implicit import CONV_FUNCTIONS, WEIGHT_LAYERS, TiledEnsembleLearner, conv_kwargs, rewrite, untile
 from fedens.learners.base import NoOptions, PrepareContext
 from fedens.learners.single import SingleLearner
 from fedens.seeding import derive_seed
@@ -69,7 +69,7 @@ def deal_by_magnitude(weight: torch.Tensor, members: int) -> torch.Tensor:
 
 
 class SubnetworkLayer(nn.Module):
-    """M disjointly masked copies of a Linear/Conv2d layer, applied to a tiled batch.
+    """M disjointly masked copies of a Linear/Conv1d/Conv2d layer, applied to a tiled batch.
 
     Tensors: ``weight`` ``(M, *layer.weight.shape)``, ``bias`` ``(M, out)``; buffer ``mask`` (bool,
     like ``weight``, not exported: it comes from the masks file). Member k's rows of the tiled
@@ -78,9 +78,10 @@ class SubnetworkLayer(nn.Module):
 
     member_tensors = ("weight", "bias")
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, owner: torch.Tensor, members: int) -> None:
+    def __init__(self, layer: nn.Linear | nn.Conv1d | nn.Conv2d, owner: torch.Tensor, members: int) -> None:
         super().__init__()
-        self.conv = conv_kwargs(layer) if isinstance(layer, nn.Conv2d) else None
+        self.conv = None if isinstance(layer, nn.Linear) else conv_kwargs(layer)
+        self.conv_fn = None if isinstance(layer, nn.Linear) else CONV_FUNCTIONS[type(layer)]
         mask = torch.stack([owner == k for k in range(members)])
         bias = layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(layer.weight.shape[0])
         self.register_buffer("mask", mask, persistent=False)
@@ -92,9 +93,9 @@ class SubnetworkLayer(nn.Module):
         w = self.weight * self.mask  # so gradients outside a member's mask are exactly zero
         if self.conv is None:  # (M, B, in) @ (M, in, out) + (M, 1, out)
             return torch.baddbmm(self.bias[:, None], untile(x, m), w.transpose(1, 2)).flatten(0, 1)
-        # Members as convolution groups: (B, M*C, H, W) with M groups of C input channels.
+        # Members as convolution groups: (B, M*C, *spatial) with M groups of C input channels.
         xg = untile(x, m).transpose(0, 1).flatten(1, 2)
-        y = F.conv2d(xg, w.flatten(0, 1), self.bias.flatten(), groups=m, **self.conv)
+        y = self.conv_fn(xg, w.flatten(0, 1), self.bias.flatten(), groups=m, **self.conv)
         return y.view(y.shape[0], m, -1, *y.shape[2:]).transpose(0, 1).flatten(0, 1)
 
 

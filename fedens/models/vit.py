@@ -1,9 +1,11 @@
 """A tiny vision transformer (Dosovitskiy et al., ICLR 2021, arXiv 2010.11929) for the embedded
-8x8, 28x28 and 32x32 images: ``(batch, C, H, W) -> (batch, classes)``.
+8x8, 28x28 and 32x32 images, ``(batch, C, H, W) -> (batch, classes)``, and for 1-D signals such
+as MNIST-1D, ``(batch, C, L) -> (batch, classes)``.
 
 Decisions:
-- Patches of ``patch`` x ``patch`` pixels are embedded by a strided convolution (the linear patch
-  projection of the paper); a class token and a learned position embedding are prepended/added.
+- Patches of ``patch`` x ``patch`` pixels (or ``patch`` samples of a signal) are embedded by a
+  strided convolution (the linear patch projection of the paper); a class token and a learned
+  position embedding are prepended/added.
 - ``depth`` pre-norm blocks: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``. The attention keeps
   its four projections ``q``, ``k``, ``v``, ``o`` as separate ``nn.Linear`` modules, so that
   LoRA-Ensemble (``fedens.learners.lora_ensemble``) can wrap each of them.
@@ -25,7 +27,7 @@ from fedens.models import MODELS, ModelSpec
 
 class ViTOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    patch: int = Field(2, ge=1, description="patch side in pixels; must divide H and W (8x8 -> 16 tokens)")
+    patch: int = Field(2, ge=1, description="patch side in pixels (or samples of a signal); must divide H and W (8x8 -> 16 tokens) or L")
     dim: int = Field(64, ge=1, description="token width")
     depth: int = Field(2, ge=1, description="transformer blocks")
     heads: int = Field(4, ge=1, description="attention heads; must divide dim")
@@ -74,9 +76,12 @@ class ViT(nn.Module):
 
     def __init__(self, opts: ViTOptions, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
-        channels, h, w = input_shape
-        tokens = (h // opts.patch) * (w // opts.patch)
-        self.embed = nn.Conv2d(channels, opts.dim, opts.patch, stride=opts.patch)
+        channels, *size = input_shape
+        tokens = 1
+        for side in size:
+            tokens *= side // opts.patch
+        conv = nn.Conv1d if len(size) == 1 else nn.Conv2d  # signals (C, L) or images (C, H, W)
+        self.embed = conv(channels, opts.dim, opts.patch, stride=opts.patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, opts.dim))
         self.pos = nn.Parameter(torch.randn(1, tokens + 1, opts.dim) * 0.02)  # ViT's std-0.02 init
         self.blocks = nn.ModuleList(Block(opts.dim, opts.heads, opts.mlp_ratio) for _ in range(opts.depth))
@@ -84,7 +89,7 @@ class ViT(nn.Module):
         self.head = nn.Linear(opts.dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised class token: ``(n, C, H, W) -> (n, dim)``."""
+        """The normalised class token: ``(n, C, H, W)`` or ``(n, C, L)`` -> ``(n, dim)``."""
         tokens = self.embed(x).flatten(2).transpose(1, 2)  # (n, patches, dim)
         z = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1) + self.pos
         for block in self.blocks:
@@ -97,11 +102,11 @@ class ViT(nn.Module):
 
 
 def check_vit(opts: ViTOptions, input_shape: tuple[int, ...]) -> str | None:
-    if len(input_shape) != 3:
-        return f"vit needs image inputs (C, H, W), this dataset gives shape {tuple(input_shape)}"
-    _, h, w = input_shape
-    if h % opts.patch or w % opts.patch:
-        return f"vit patch size {opts.patch} must divide the image size {h}x{w} (set model.patch)"
+    if len(input_shape) not in (2, 3):
+        return f"vit needs images (C, H, W) or signals (C, L), this dataset gives shape {tuple(input_shape)}"
+    size = input_shape[1:]
+    if any(side % opts.patch for side in size):
+        return f"vit patch size {opts.patch} must divide the input size {'x'.join(map(str, size))} (set model.patch)"
     return None
 
 

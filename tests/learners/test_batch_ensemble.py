@@ -12,24 +12,25 @@ from fedens.learners.batch_ensemble import BatchEnsembleLayer, BatchEnsembleLear
 from fedens.models import build_model
 from fedens.scenario import TrainConfig
 
-MODELS = {"mlp": {"hidden": [16, 8]}, "cnn": {"channels": [4, 8], "hidden": 16}}
+MODELS = {"mlp": {"hidden": [16, 8]}, "cnn": {"channels": [4, 8], "hidden": 16}, "cnn1d": {"channels": [4, 8]}}
+SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "cnn1d": (1, 40)}
 SHAPE = (1, 8, 8)
 
 
 def make(kind: str, members: int = 3, **opts) -> BatchEnsembleLearner:
     torch.manual_seed(0)
-    return BatchEnsembleLearner(lambda **o: build_model(kind, {**MODELS[kind], **o}, SHAPE, 10),
+    return BatchEnsembleLearner(lambda **o: build_model(kind, {**MODELS[kind], **o}, SHAPES[kind], 10),
                                 BatchEnsembleOptions(members=members, **opts), TrainConfig(lr=0.1), torch.device("cpu"))
 
 
-def toy_data(n: int = 64) -> ArrayDataset:
+def toy_data(n: int = 64, shape: tuple[int, ...] = SHAPE) -> ArrayDataset:
     g = np.random.default_rng(0)
-    return ArrayDataset(g.normal(size=(n, *SHAPE)).astype(np.float32), g.integers(0, 10, n))
+    return ArrayDataset(g.normal(size=(n, *shape)).astype(np.float32), g.integers(0, 10, n))
 
 
 def explicit_member(learner: BatchEnsembleLearner, kind: str, i: int) -> nn.Sequential:
     """Member i as a plain network whose weights are W ⊙ (r_i s_iᵀ), built outside the layer."""
-    plain = build_model(kind, MODELS[kind], SHAPE, 10)
+    plain = build_model(kind, MODELS[kind], SHAPES[kind], 10)
     with torch.no_grad():
         for name, layer in learner.net.named_children():
             if isinstance(layer, BatchEnsembleLayer):
@@ -40,11 +41,11 @@ def explicit_member(learner: BatchEnsembleLearner, kind: str, i: int) -> nn.Sequ
     return plain.eval()
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "cnn1d"])
 def test_vectorised_forward_equals_explicit_member_weights(kind: str):
     learner = make(kind)
-    learner.fit(toy_data(), torch.Generator().manual_seed(0))  # move W, r, s, b away from their init
-    x = torch.randn(5, *SHAPE)
+    learner.fit(toy_data(shape=SHAPES[kind]), torch.Generator().manual_seed(0))  # move W, r, s, b away from their init
+    x = torch.randn(5, *SHAPES[kind])
     learner.net.eval()
     logits = learner.logits(x)  # (M, B, classes)
     assert logits.shape == (3, 5, 10)

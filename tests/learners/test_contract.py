@@ -145,3 +145,21 @@ def test_reused_learner_computes_what_a_fresh_one_does(kind: str, tmp_path: Path
     for k in fresh[0]:
         assert np.array_equal(fresh[0][k], again[0][k]), k
     assert torch.equal(fresh[1], again[1]) and torch.equal(fresh[2], again[2])
+
+
+@pytest.mark.parametrize("kind", LEARNERS.names())
+def test_every_learner_trains_on_signals(kind: str, tmp_path: Path):
+    """MNIST-1D signals (1, 40) with the 1-D CNN (or the ViT on 1-D patches for LoRA-Ensemble):
+    every learner builds, trains and predicts a distribution."""
+    model = {"kind": "vit", "patch": 4, "dim": 32} if kind == "lora_ensemble" else {"kind": "cnn1d", "channels": [8, 8]}
+    extra = {k: v for k, v in SMALL.get(kind, {}).get("learner", {}).items()}
+    raw = {"seed": 1, "data": {"dataset": "mnist1d", "params": {"num_samples": 400}, "num_clients": 2, "server_fraction": 0.2},
+           "model": model, "learner": {"kind": kind, **extra, **({"pretrain_epochs": 1} if kind == "lora_ensemble" else {})},
+           "train": {"local_epochs": 1, "lr": 0.05}}
+    scn = prepare_learner(load_scenario(raw), tmp_path)
+    learner = build(scn)
+    client = load_client_data(scn.data, scn.seed, 0)
+    metrics = learner.fit(client.train, seeded_generator(0, 1, 0), 1)
+    probs = predict_dataset(learner, client.val)
+    assert probs.shape[1:] == (len(client.val), 10) and np.isfinite(metrics["train_loss"])
+    assert torch.allclose(probs.sum(-1), torch.ones_like(probs[..., 0]), atol=1e-5)

@@ -149,3 +149,20 @@ def test_prepare_reuses_a_named_masks_file(tmp_path: Path):
     again = prepare_learner(first, tmp_path / "b")  # e.g. a run's resolved scenario.yaml run again
     assert again.learner.options["masks_file"] == str(path) and path.stat().st_mtime_ns == stamp
     assert not (tmp_path / "b" / MASKS_FILE).exists()
+
+
+@pytest.mark.parametrize("conv", [torch.nn.Conv1d(3, 5, 5, stride=2, padding=2), torch.nn.Conv2d(3, 5, 3, padding=1)])
+def test_conv_layer_member_k_is_its_masked_convolution(conv):
+    """Members run as convolution groups on a tiled batch: member k's output equals the plain
+    convolution with weight[k] * mask[k] (1-D signals as well as images)."""
+    torch.manual_seed(0)
+    members = 3
+    owner = torch.randint(0, members, conv.weight.shape)
+    layer = SubnetworkLayer(conv, owner, members)
+    spatial = (16,) if isinstance(conv, torch.nn.Conv1d) else (6, 6)
+    x = torch.randn(members * 4, 3, *spatial)  # member-major tiled batch of 4
+    out = layer(x).view(members, 4, *layer(x).shape[1:])
+    fn = F.conv1d if isinstance(conv, torch.nn.Conv1d) else F.conv2d
+    for k in range(members):
+        ref = fn(x[k * 4:(k + 1) * 4], layer.weight[k] * layer.mask[k], layer.bias[k], stride=conv.stride, padding=conv.padding)
+        assert torch.allclose(out[k], ref, atol=1e-5), k

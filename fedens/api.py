@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ def preflight(scn: Scenario) -> None:
         raise ScenarioError(f"{scn.source}: resources.num_cpus: {scn.resources.num_cpus} per client, but Ray has {cpus} CPUs")
     if scn.resources.num_gpus > 0 and torch.cuda.device_count() == 0:
         raise ScenarioError(f"{scn.source}: resources.num_gpus: {scn.resources.num_gpus} GPU per client, but no GPU is visible")
+    if scn.output.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ScenarioError(f"{scn.source}: output.tensorboard: needs the tensorboard package: pip install 'fedens[tensorboard]'")
     try:
         build_federated_data(scn.data, scn.seed)
     except ValueError as err:

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fedens.scenario import ScenarioError
@@ -33,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a key (dotted path, value parsed as YAML); repeatable")
     run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    val = sub.add_parser("validate", help="check a scenario without running it")
-    val.add_argument("scenario")
+    val = sub.add_parser("validate", help="check a scenario or a comparison file without running it")
+    val.add_argument("scenario", help="scenario or comparison YAML file")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmp = sub.add_parser("compare", help="run the variants of a comparison file; one table and one plot")
+    cmp = sub.add_parser("compare", help="run every variant of a comparison file at every seed (resumable); statistics, tables, plots")
     cmp.add_argument("comparison", help="comparison YAML (base scenario + variants)")
     cmp.add_argument("--out", required=True, help="folder for the variants' runs and the comparison files")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -56,8 +57,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """A scenario, or a comparison file (every variant at every seed), checked as ``run`` and
+    ``compare`` check them before Ray starts."""
     from fedens.api import load, preflight
+    from fedens.compare import is_comparison, load_comparison
+    from fedens.scenario import _read_yaml
 
+    path = Path(args.scenario)
+    if path.suffix in {".yaml", ".yml"} and path.is_file() and is_comparison(_read_yaml(path)):
+        cmp, runs = load_comparison(path, args.overrides)
+        for planned in {(r.variant.name, r.seed): r for r in runs}.values():
+            preflight(planned.scenario)
+        variants = len({r.variant.name for r in runs})
+        print(f"{args.scenario}: ok (comparison {cmp.name}: {variants} variants x {len(runs) // max(variants, 1)} seeds = "
+              f"{len(runs)} runs" + (f", reference {cmp.reference}" if cmp.reference else "") + ")")
+        return EXIT_OK
     scn = load(args.scenario, args.overrides)
     preflight(scn)
     how = (f"decentralized, {scn.topology.kind} graph, gossip rule {scn.gossip.rule}" if scn.mode == "decentralized"
@@ -125,14 +139,14 @@ class _Progress:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedens.api import RunFailed
-    from fedens.compare import markdown_table, run_comparison
+    from fedens.compare import markdown_report, run_comparison
 
     try:
-        table = run_comparison(args.comparison, args.out, args.overrides, args.verbose)
+        report = run_comparison(args.comparison, args.out, args.overrides, args.verbose)
     except RunFailed as err:
         print(f"error: run failed: {err}\n  see {err.run_dir / 'run.log'}", file=sys.stderr)
         return EXIT_FAILED
-    print(markdown_table(table) + f"\nresults: {args.out}")
+    print(markdown_report(report) + f"\nresults: {args.out}")
     return EXIT_OK
 
 

@@ -1,42 +1,71 @@
-"""Comparisons: one base scenario, several named variants, one table and one plot.
+"""Comparisons: one base scenario, variants (named, from a grid, or both), several seeds,
+statistics over the seeds, paired comparisons with a reference variant, tables and plots.
 
 A comparison file::
 
-    name: compare_learners
-    base: quickstart.yaml                 # a scenario file, relative to this file
-    overrides: {rounds: 20}               # applied to every variant (dotted keys)
-    variants:                             # a mapping with a `kind` replaces the whole section
+    name: ensembles
+    base: ../scenarios/mnist1d.yaml        # a scenario file, relative to this file
+    overrides: {rounds: 30}                # applied to every variant (dotted keys)
+    seeds: 5                               # 0..4, or a list [0, 3, 7]; default: the base's seed
+    variants:                              # a mapping with a `kind` replaces the whole section
       single: {}
-      deep_ensemble: {learner: {kind: deep_ensemble, members: 5}}
-      ivon: {learner.kind: ivon}
+      deep: {learner: {kind: deep_ensemble, members: 5}}
+    grid: {data.partition.alpha: [0.1, 0.5]}   # every variant at every grid point
+    reference: single                      # what every other variant is compared with
+    target: {metric: accuracy, value: 0.8} # adds "rounds to target"
 
-Each variant runs as its own scenario (``base`` + ``overrides`` + the variant's dotted-key
-overrides) into ``OUT/<variant>/``, all of them in one warm engine (``fedens.Session``); ``OUT`` gets ``comparison.md`` (a table of final metrics,
-bytes and wall time), ``comparison.json`` and ``comparison.png`` (accuracy, NLL and ECE against
-round, one line per variant), and for decentralized variants ``layer_variance.png`` (the nodes'
-weight variance against round). Every variant is validated before the first one runs.
+Variants: the named ones, crossed with every point of the grid (names ``single-alpha=0.1``);
+with a grid and no named variants, one variant per grid point. The reference is compared with
+each variant at the same grid point, on the same seeds (paired).
+
+Every run goes through one warm engine (``fedens.Session``) into ``OUT/<variant>/seed-<s>/``.
+Running the same command again skips the runs whose summary says ``ok`` and whose scenario is
+unchanged, and reruns the others (failed, interrupted, changed), so a long comparison survives
+an interruption. ``OUT`` gets ``runs.csv`` (one row per run), ``comparison.md`` and ``.json``
+(mean, standard deviation and 95% Student-t interval per variant and metric; the paired
+difference with the reference, its interval and the paired t-test's p-value), and the plots
+``comparison.png`` (mean curves with 95% bands), ``reliability.png`` (pooled over seeds),
+``tradeoff.png`` (accuracy and ECE against bytes per client and round) and, for decentralized
+variants, ``layer_variance.png``.
+
+The whole file is validated before any run starts: every variant at every seed must be a valid
+scenario; a plug-in path in a variant or the overrides resolves against this file's folder.
 """
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedens.scenario import Scenario, ScenarioError, _first_error, _read_yaml, load_scenario
 
-COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc")
-
-
-HIGHER_IS_BETTER = {"accuracy", "ood_auroc"}
+HIGHER_IS_BETTER = {"accuracy", "ood_auroc", "ood_auroc_mi", "member_accuracy"}
+# The final metrics of a run in runs.csv and the statistics: (column, scope, metric).
+FINAL = [
+    *[(f"test_{m}", "global-test", m) for m in ("accuracy", "nll", "ece", "brier", "ood_auroc")],
+    *[(f"shift_{m}", "global-shift", m) for m in ("accuracy", "nll", "ece", "brier")],
+    *[(f"clients_{m}", "clients", m) for m in ("accuracy", "ece", "accuracy_worst")],
+    *[(f"nodes_{m}", "nodes-val", m) for m in ("accuracy", "ece")],
+]
+RUN_FACTS = ("rounds_to_target", "bytes_per_client_round", "wall_time_s")
+TABLE = ("test_accuracy", "test_nll", "test_ece", "test_brier", "test_ood_auroc", "shift_ece")
+MARKER = "compare.json"  # in each run folder: the scenario it ran, to skip it on a rerun
 
 
 class Target(BaseModel):
-    """A level of a test metric to reach: ``value``, or ``fraction`` of variant ``of``'s final
-    value (e.g. 90% of FedAvg's final accuracy). The table gets the first evaluated round at
-    which each variant reaches it (a metric where lower is better must fall to it)."""
+    """A level of a test metric to reach: ``value``, or ``fraction`` of variant ``of``'s mean
+    final value (e.g. 90% of FedAvg's final accuracy; with a grid, of ``of`` at the same grid
+    point). A run's "rounds to target" is the first evaluated round at which it reaches the level
+    (a metric where lower is better must fall to it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     metric: Literal["accuracy", "nll", "ece", "brier", "ood_auroc"] = "accuracy"
@@ -84,35 +113,89 @@ class Comparison(BaseModel):
     name: str = "comparison"
     base: str
     overrides: dict[str, Any] = Field(default_factory=dict)
-    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: int | list[int] | None = None
+    reference: str | None = None
     target: Target | None = None
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and not 1 <= v <= 1000:
+            raise ValueError("an integer N means seeds 0..N-1: give 1 to 1000")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("a list of distinct seeds >= 0")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"{key}: give at least one value")
+        return v
+
     @model_validator(mode="after")
-    def _target_of_a_variant(self) -> Comparison:
-        if self.target is not None and self.target.of is not None and self.target.of not in self.variants:
+    def _something_to_run(self) -> Comparison:
+        if not self.variants and not self.grid:
+            raise ValueError("variants: give named variants, a grid, or both")
+        names = self.variant_names()
+        if self.reference is not None and self.reference not in self.variants and self.reference not in names:
+            raise ValueError(f"reference: {self.reference!r} is not a variant")
+        if self.target is not None and self.target.of is not None and self.target.of not in self.variants \
+                and self.target.of not in names:
             raise ValueError(f"target.of: {self.target.of!r} is not a variant")
         return self
 
+    def seed_list(self, default: int) -> list[int]:
+        if self.seeds is None:
+            return [default]
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
-def load_comparison(path: str | Path, extra: list[str] = ()) -> tuple[Comparison, dict[str, Scenario]]:
-    """The comparison and its validated variant scenarios, in file order."""
-    path = Path(path)
-    raw = _read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ScenarioError(f"{path}: a comparison must be a mapping")
-    try:
-        cmp = Comparison.model_validate(raw)
-    except ValidationError as err:
-        raise ScenarioError(f"{path}: {_first_error(err, raw)}") from None
-    base = path.parent / cmp.base
-    scenarios = {}
-    for name, variant in cmp.variants.items():
-        try:
-            scn = load_scenario(base, {**cmp.overrides, **_flatten(variant)})
-            scenarios[name] = load_scenario(scn, extra)
-        except ScenarioError as err:
-            raise ScenarioError(f"{path}: variants.{name}: {err}") from None
-    return cmp, scenarios
+    def grid_points(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(label, {dotted key: value})`` per point of the cartesian product ("" without a grid)."""
+        if not self.grid:
+            return [("", {})]
+        keys = list(self.grid)
+        return [(",".join(f"{k.split('.')[-1]}={_label(v)}" for k, v in zip(keys, combo)), dict(zip(keys, combo)))
+                for combo in itertools.product(*(self.grid[k] for k in keys))]
+
+    def expand(self) -> list[Variant]:
+        """Every variant: named x grid points (in file order)."""
+        named = self.variants or {"": {}}
+        out = []
+        for (label, point), (name, tree) in itertools.product(self.grid_points(), named.items()):
+            full = "-".join(p for p in (name, label) if p)
+            out.append(Variant(full, name, label, {**_flatten(tree), **point}))
+        return out
+
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.expand()]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # folder name under OUT
+    named: str  # the named variant it comes from ("" for a grid-only comparison)
+    point: str  # its grid point's label ("" without a grid)
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: Variant
+    seed: int
+    scenario: Scenario
+
+    def folder(self, out: Path) -> Path:
+        return out / self.variant.name / f"seed-{self.seed}"
+
+
+def _label(v: Any) -> str:
+    if isinstance(v, dict):
+        return str(v.get("kind", json.dumps(v, sort_keys=True)))
+    return str(v).replace("/", "_").replace(" ", "")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,59 +213,332 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), verbose: bool = False) -> list[dict[str, Any]]:
-    """Run every variant into ``out/<variant>`` and write the comparison files; returns the table."""
-    from fedens import plots
-    from fedens.api import Session
+def _localise(value: Any, here: Path, base_dir: Path) -> Any:
+    """A plug-in reference (``file.py:Name``) or a path written in the comparison file, made
+    absolute against the comparison file's folder when it exists there and not beside the base
+    scenario (which is what a relative path in the base scenario would mean)."""
+    if isinstance(value, dict):
+        return {k: _localise(v, here, base_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_localise(v, here, base_dir) for v in value]
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    module, sep, attr = value.rpartition(":")
+    path = module if sep and module.endswith(".py") else value
+    if (here / path).exists() and not (base_dir / path).exists():
+        absolute = str((here / path).resolve())
+        return f"{absolute}:{attr}" if sep and module.endswith(".py") else absolute
+    return value
 
-    cmp, scenarios = load_comparison(path, list(extra))
+
+def is_comparison(raw: Any) -> bool:
+    return isinstance(raw, dict) and "base" in raw and ("variants" in raw or "grid" in raw)
+
+
+def load_comparison(path: str | Path, extra: list[str] = ()) -> tuple[Comparison, list[PlannedRun]]:
+    """The comparison and every run it plans (variant x seed), each a validated scenario.
+    Raises ``ScenarioError`` (one line naming the file and the key) for any invalid part."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{path}: a comparison must be a mapping")
+    try:
+        cmp = Comparison.model_validate(raw)
+    except ValidationError as err:
+        raise ScenarioError(f"{path}: {_first_error(err, raw)}") from None
+    base = path.parent / cmp.base
+    if not base.is_file():
+        raise ScenarioError(f"{path}: base: no such file {cmp.base!r}")
+    here, base_dir = path.parent.resolve(), base.parent.resolve()
+    runs: list[PlannedRun] = []
+    first: Scenario | None = None
+    for variant in cmp.expand():
+        overrides = {k: _localise(v, here, base_dir) for k, v in {**_flatten(cmp.overrides), **variant.overrides}.items()}
+        try:
+            scn = load_scenario(load_scenario(base, overrides), extra)
+        except ScenarioError as err:
+            raise ScenarioError(f"{path}: variants.{variant.name}: {err}") from None
+        first = first or scn
+        if (scn.engine.ray_num_cpus, scn.engine.telemetry) != (first.engine.ray_num_cpus, first.engine.telemetry):
+            raise ScenarioError(f"{path}: variants.{variant.name}: engine: all variants run in one engine, "
+                                "so engine.ray_num_cpus and engine.telemetry must be the same for all")
+        for seed in cmp.seed_list(scn.seed):
+            runs.append(PlannedRun(variant, seed, scn if seed == scn.seed else scn.model_copy(update={"seed": seed})))
+    return cmp, runs
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class RunOutcome:
+    planned: PlannedRun
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    skipped: bool  # finished earlier, read back
+
+
+def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), verbose: bool = False,
+                   progress: bool | None = None, session: Any = None) -> dict[str, Any]:
+    """Run (or resume) every planned run into ``out`` and write the comparison files; returns
+    the comparison's statistics (what ``comparison.json`` holds). ``session``: a
+    ``fedens.Session`` to run in (default: one of its own, closed at the end)."""
+    from fedens.api import RunFailed, Session
+    from fedens.results import read_metrics
+
+    cmp, runs = load_comparison(path, list(extra))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table, curves, all_rows = [], {}, {}
-    first = next(iter(scenarios.values()))
-    # One warm engine for every variant: Ray, the actors and each data build start once.
-    with Session(ray_num_cpus=first.engine.ray_num_cpus, verbose=verbose, telemetry=first.engine.telemetry,
-                 resources={"num_cpus": first.resources.num_cpus, "num_gpus": first.resources.num_gpus}) as session:
-        results = {name: session.run(scn, out=out / name) for name, scn in scenarios.items()}
-    for name, result in results.items():
-        test = result.final.get("global-test", {})
-        train = result.scope("train")
-        table.append({
-            "variant": name,
-            **{k: test.get(k) for k in COLUMNS},
-            "shift_ece": result.final.get("global-shift", {}).get("ece"),
-            "client_bytes_per_round": sum(node_bytes(r) for r in train) / max(len(train), 1),
-            "wall_time_s": result.summary["wall_time_s"],
-        })
-        curves[name] = result.scope("global-test")
-        all_rows[name] = result.rows
-    if cmp.target is not None:
-        level = cmp.target.level({r["variant"]: r for r in table})
-        for row in table:
-            row["rounds_to_target"] = None if level is None else rounds_to(curves[row["variant"]], cmp.target.metric, level)
-            row["target"] = f"{cmp.target.label()} = " + ("n/a" if level is None else f"{level:.4f}")
-    (out / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
-    (out / "comparison.md").write_text(markdown_table(table), encoding="utf-8")
-    plots.save(plots.comparison_figure(curves)[0], out / "comparison.png")
-    gossip = {name: rows for name, rows in all_rows.items() if any(r["scope"] == "gossip" for r in rows)}
+    show = _Progress(len(runs), sys.stderr.isatty() if progress is None else progress)
+    outcomes: list[RunOutcome] = []
+    first = runs[0].scenario
+    own = session is None
+    try:
+        for i, planned in enumerate(runs, 1):
+            folder = planned.folder(out)
+            marker = json.dumps(planned.scenario.model_dump(mode="json"), sort_keys=True)
+            if _finished(folder, marker):
+                summary = json.loads((folder / "summary.json").read_text())
+                outcomes.append(RunOutcome(planned, read_metrics(folder), summary, skipped=True))
+                show.done(i, planned, summary, skipped=True)
+                continue
+            if folder.exists():
+                shutil.rmtree(folder)  # a failed, interrupted or changed run starts again, clean
+            if session is None:  # one warm engine for every run that has to run
+                session = Session(ray_num_cpus=first.engine.ray_num_cpus, verbose=verbose, telemetry=first.engine.telemetry,
+                                  resources={"num_cpus": first.resources.num_cpus, "num_gpus": first.resources.num_gpus})
+                session.engine.start()
+            show.start(i, planned)
+            try:
+                result = session.run(planned.scenario, out=folder,
+                                     on_round=lambda r, rows, p=planned, n=i: show.round(n, p, r))
+            except RunFailed:
+                show.clear()
+                raise
+            (folder / MARKER).write_text(marker, encoding="utf-8")
+            outcomes.append(RunOutcome(planned, result.rows, result.summary, skipped=False))
+            show.done(i, planned, result.summary, skipped=False)
+    finally:
+        if own and session is not None:
+            session.close()
+    report = analyse(cmp, outcomes)
+    write_outputs(cmp, outcomes, report, out)
+    return report
+
+
+def _finished(folder: Path, marker: str) -> bool:
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        return summary.get("status") == "ok" and (folder / MARKER).read_text(encoding="utf-8") == marker
+    except (OSError, ValueError):
+        return False
+
+
+class _Progress:
+    """One line on stderr: run i of N, variant, seed, round, and the time left (from the mean
+    time per round of the runs done so far). Without a terminal: a line per finished run."""
+
+    def __init__(self, total: int, live: bool) -> None:
+        self.total, self.live = total, live
+        self.started = time.time()
+        self.rounds_done = 0.0  # rounds run (not skipped) so far, for the estimate
+        self.rounds_left = 0
+        self.run_rounds: dict[int, int] = {}
+
+    def start(self, i: int, p: PlannedRun) -> None:
+        self.run_rounds[i] = 0
+        self._line(f"run {i}/{self.total} {p.variant.name} seed {p.seed}: starting")
+
+    def round(self, i: int, p: PlannedRun, r: int) -> None:
+        self.run_rounds[i] = r
+        self._line(f"run {i}/{self.total} {p.variant.name} seed {p.seed}: round {r}/{p.scenario.rounds}{self._eta(i, p)}")
+
+    def done(self, i: int, p: PlannedRun, summary: dict[str, Any], skipped: bool) -> None:
+        if not skipped:
+            self.rounds_done += p.scenario.rounds
+        what = "done earlier" if skipped else f"{summary.get('wall_time_s', 0):.1f}s"
+        acc = (summary.get("final", {}).get("global-test") or {}).get("accuracy")
+        text = f"run {i}/{self.total} {p.variant.name} seed {p.seed}: {what}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
+        if self.live:
+            self._line(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def _eta(self, i: int, p: PlannedRun) -> str:
+        done = self.rounds_done + self.run_rounds.get(i, 0)
+        if done <= 0:
+            return ""
+        per_round = (time.time() - self.started) / done
+        left = (p.scenario.rounds - self.run_rounds.get(i, 0)) + p.scenario.rounds * (self.total - i)
+        return f", about {per_round * left / 60:.1f} min left"
+
+    def _line(self, text: str) -> None:
+        if self.live:
+            print("\r\x1b[2K" + text, end="", file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        if self.live:
+            print(file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def run_row(o: RunOutcome, target_level: float | None, target: Target | None) -> dict[str, Any]:
+    """One line of runs.csv: the run's final metrics per scope and its facts."""
+    final = o.summary.get("final", {})
+    row: dict[str, Any] = {"variant": o.planned.variant.name, "seed": o.planned.seed, "status": o.summary.get("status")}
+    for column, scope, metric in FINAL:
+        row[column] = (final.get(scope) or {}).get(metric)
+    train = [r for r in o.rows if r["scope"] == "train"]
+    row["rounds_to_target"] = (None if target is None or target_level is None
+                               else rounds_to([r for r in o.rows if r["scope"] == "global-test"], target.metric, target_level))
+    row["bytes_per_client_round"] = sum(node_bytes(r) for r in train) / max(len(train), 1)
+    row["wall_time_s"] = o.summary.get("wall_time_s")
+    return row
+
+
+def analyse(cmp: Comparison, outcomes: list[RunOutcome]) -> dict[str, Any]:
+    """Per variant and metric the summary over seeds; per variant the paired difference with
+    the reference at the same grid point; and every run's row."""
+    from fedens import stats
+
+    variants = cmp.expand()
+    by_variant: dict[str, list[RunOutcome]] = {v.name: [] for v in variants}
+    for o in outcomes:
+        by_variant[o.planned.variant.name].append(o)
+    # the target's level per grid point (relative targets: a fraction of a variant's mean)
+    levels: dict[str, float | None] = {}
+    for v in variants:
+        if cmp.target is None:
+            levels[v.name] = None
+        elif cmp.target.value is not None:
+            levels[v.name] = float(cmp.target.value)
+        else:
+            of = _at_point(cmp.target.of, v, variants)
+            vals = [(o.summary.get("final", {}).get("global-test") or {}).get(cmp.target.metric) for o in by_variant.get(of, [])]
+            mean = stats.summary(vals).mean
+            levels[v.name] = None if mean is None else cmp.target.fraction * mean
+    rows = [run_row(o, levels[o.planned.variant.name], cmp.target) for o in outcomes]
+    columns = [c for c, _, _ in FINAL] + list(RUN_FACTS)
+    table: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v.name]
+        table[v.name] = {"named": v.named, "grid_point": v.point, "seeds": sorted(r["seed"] for r in mine),
+                         "target_level": levels[v.name],
+                         **{c: stats.summary([r[c] for r in mine]).as_dict() for c in columns}}
+    versus: dict[str, dict[str, Any]] = {}
+    if cmp.reference is not None:
+        for v in variants:
+            ref = _at_point(cmp.reference, v, variants)
+            if ref == v.name:
+                continue
+            mine = {r["seed"]: r for r in rows if r["variant"] == v.name}
+            theirs = {r["seed"]: r for r in rows if r["variant"] == ref}
+            versus[v.name] = {"reference": ref, **{
+                c: stats.paired({s: r[c] for s, r in mine.items()}, {s: r[c] for s, r in theirs.items()}).as_dict()
+                for c in columns}}
+    return {"name": cmp.name, "reference": cmp.reference,
+            "target": None if cmp.target is None else cmp.target.label(),
+            "variants": table, "versus_reference": versus, "runs": rows}
+
+
+def _at_point(named: str, v: Variant, variants: list[Variant]) -> str:
+    """The variant ``named`` at ``v``'s grid point (``named`` may already be a full name)."""
+    names = {x.name for x in variants}
+    candidate = "-".join(p for p in (named, v.point) if p)
+    return candidate if candidate in names else named
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def fmt_interval(s: dict[str, Any], digits: int = 4) -> str:
+    if s.get("mean") is None:
+        return "n/a"
+    if s.get("ci_low") is None:
+        return f"{s['mean']:.{digits}f}"
+    half = (s["ci_high"] - s["ci_low"]) / 2
+    return f"{s['mean']:.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The comparison as Markdown: per variant mean ± 95% half-interval over seeds; then each
+    variant against the reference: the paired mean difference ± its half-interval, and p."""
+    labels = {"test_accuracy": "accuracy", "test_nll": "NLL", "test_ece": "ECE", "test_brier": "Brier",
+              "test_ood_auroc": "OOD AUROC", "shift_ece": "shift ECE"}
+    cols = list(TABLE) + (["rounds_to_target"] if report.get("target") else []) + ["bytes_per_client_round", "wall_time_s"]
+    names = {**labels, "rounds_to_target": "rounds to target", "bytes_per_client_round": "kB/client/round", "wall_time_s": "wall s"}
+    lines = [f"# {report['name']}", "",
+             "Mean ± half-width of the 95% Student-t interval over the seeds (n seeds per variant).", ""]
+    lines.append("| variant | n | " + " | ".join(names[c] for c in cols) + " |")
+    lines.append("|---" * (len(cols) + 2) + "|")
+    for name, row in report["variants"].items():
+        cells = []
+        for c in cols:
+            s = row[c]
+            if c == "bytes_per_client_round" and s.get("mean") is not None:
+                s = {k: (v / 1000 if isinstance(v, float) and k != "n" else v) for k, v in s.items()}
+                cells.append(fmt_interval(s, 1))
+            elif c in ("wall_time_s", "rounds_to_target"):
+                cells.append(fmt_interval(s, 1))
+            else:
+                cells.append(fmt_interval(s))
+        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    if report.get("target"):
+        lines += ["", f"Target: {report['target']} (first evaluated round that reaches it; runs that never do are left out)."]
+    if report["versus_reference"]:
+        lines += ["", f"## Against the reference ({report['reference']})", "",
+                  "Paired over the same seeds: mean of (variant - reference) ± half-width of its 95% interval, "
+                  "and the two-sided p-value of the paired t-test.", ""]
+        diff_cols = [c for c in cols if c not in ("wall_time_s",)]
+        lines.append("| variant | reference | n | " + " | ".join(f"Δ {names[c]} (p)" for c in diff_cols) + " |")
+        lines.append("|---" * (len(diff_cols) + 3) + "|")
+        for name, row in report["versus_reference"].items():
+            cells = []
+            for c in diff_cols:
+                d = row[c]
+                p = "" if d.get("p_value") is None else f" (p={d['p_value']:.3f})"
+                scale = 1000 if c == "bytes_per_client_round" else 1
+                dd = {k: (v / scale if isinstance(v, float) and k in ("mean", "ci_low", "ci_high") else v) for k, v in d.items()}
+                cells.append(fmt_interval(dd, 1 if c in ("bytes_per_client_round", "rounds_to_target") else 4) + p)
+            n = max((row[c]["n"] for c in diff_cols), default=0)
+            lines.append(f"| {name} | {row['reference']} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(cmp: Comparison, outcomes: list[RunOutcome], report: dict[str, Any], out: Path) -> None:
+    from fedens import plots
+
+    rows = report["runs"]
+    if rows:
+        with open(out / "runs.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (out / "comparison.json").write_text(json.dumps(report, indent=2, allow_nan=False, default=_json_default), encoding="utf-8")
+    (out / "comparison.md").write_text(markdown_report(report), encoding="utf-8")
+    curves: dict[str, list[list[dict[str, Any]]]] = {}
+    reliability: dict[str, list[dict[str, Any]]] = {}
+    gossip: dict[str, list[dict[str, Any]]] = {}
+    for o in outcomes:
+        name = o.planned.variant.name
+        curves.setdefault(name, []).append([r for r in o.rows if r["scope"] == "global-test"])
+        if o.summary.get("reliability"):
+            reliability.setdefault(name, []).append(o.summary["reliability"])
+        if name not in gossip and any(r["scope"] == "gossip" for r in o.rows):
+            gossip[name] = o.rows  # the first seed's run, for the variance plot
+    title = f"{cmp.name}: global test set, mean and 95% interval over seeds"
+    plots.save(plots.comparison_figure(curves, title)[0], out / "comparison.png")
+    if reliability:
+        plots.save(plots.reliability_grid_figure(reliability, f"{cmp.name}: test set, pooled over seeds")[0],
+                   out / "reliability.png")
+    plots.save(plots.tradeoff_figure(report["variants"], f"{cmp.name}: final test metrics against traffic")[0],
+               out / "tradeoff.png")
     if gossip:  # decentralized variants: weight variance against round, with and without correction
-        plots.save(plots.layer_variance_comparison_figure(gossip, per_layer=True)[0], out / "layer_variance.png")
-    return table
+        plots.save(plots.layer_variance_comparison_figure(gossip, per_layer=True, title=f"{cmp.name}: first seed")[0],
+                   out / "layer_variance.png")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Final metrics per variant as a Markdown table (bytes in kB per client and round); with a
-    target, a column of rounds to reach it ("-": not reached) and a line naming the target."""
-    target = rows[0].get("target") if rows else None
-    head = "| variant | accuracy | NLL | ECE | Brier | OOD AUROC | shift ECE | kB/client/round | wall s |"
-    head += " rounds to target |\n" if target else "\n"
-    head += "|---" * (10 if target else 9) + "|\n"
-    fmt = lambda v, p=4: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = []
-    for r in rows:
-        line = (f"| {r['variant']} | {fmt(r['accuracy'])} | {fmt(r['nll'])} | {fmt(r['ece'])} | {fmt(r['brier'])} | "
-                f"{fmt(r['ood_auroc'], 3)} | {fmt(r['shift_ece'])} | {r['client_bytes_per_round'] / 1000:.1f} | {r['wall_time_s']:.1f} |")
-        if target:
-            line += f" {'-' if r['rounds_to_target'] is None else r['rounds_to_target']} |"
-        lines.append(line + "\n")
-    return head + "".join(lines) + (f"\nTarget: {target} (first evaluated round that reaches it).\n" if target else "")
+def _json_default(x: Any) -> Any:
+    raise TypeError(f"not JSON: {type(x).__name__}")

@@ -11,69 +11,155 @@ import matplotlib
 
 matplotlib.use("Agg")  # no screen on simulation hosts; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 METRICS = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"))
 SCOPE_STYLE = {"global-test": "-o", "global-shift": "--s", "clients": ":^"}
+SCOPE_LABEL = {"global-test": "test set", "global-shift": "shifted test set", "clients": "clients' validation splits"}
 
 
-def convergence_figure(rows: Sequence[dict[str, Any]]) -> tuple[plt.Figure, Any]:
-    """Accuracy, NLL and ECE against round, one line per evaluation scope."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), constrained_layout=True)
+def rounds_axis(ax: Any) -> None:
+    """Rounds are integers: ticks on whole rounds only."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
+def convergence_figure(rows: Sequence[dict[str, Any]], title: str = "") -> tuple[plt.Figure, Any]:
+    """Accuracy, NLL and ECE against round, one line per evaluation scope (the global model on
+    the test and shifted sets, and the mean over clients on their own validation splits)."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.3), constrained_layout=True)
     for ax, (key, label) in zip(axes, METRICS):
         for scope, style in SCOPE_STYLE.items():
-            pts = [(r["round"], r[key]) for r in rows if r["scope"] == scope and key in r]
+            pts = [(r["round"], r[key]) for r in rows if r["scope"] == scope and r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, ms=3, label=scope)
-        ax.set_xlabel("round")
+                ax.plot(xs, ys, style, ms=3, label=SCOPE_LABEL[scope])
+        rounds_axis(ax)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig, axes
 
 
-def comparison_figure(curves: dict[str, Sequence[dict[str, Any]]]) -> tuple[plt.Figure, Any]:
-    """Accuracy, NLL and ECE on the test set against round, one line per variant."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), constrained_layout=True)
+def comparison_figure(curves: dict[str, Sequence[Sequence[dict[str, Any]]]], title: str = "") -> tuple[plt.Figure, Any]:
+    """Accuracy, NLL and ECE on the test set against round: per variant the mean over its runs
+    (seeds) as a line and the 95% Student-t interval of the mean as a band. ``curves`` maps a
+    variant to its runs' ``global-test`` rows."""
+    from fedens.stats import curve_band
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.5), constrained_layout=True)
     for ax, (key, label) in zip(axes, METRICS):
-        for name, rows in curves.items():
-            ax.plot([r["round"] for r in rows], [r[key] for r in rows], "-", lw=1.4, label=name)
-        ax.set_xlabel("round")
+        for i, (name, runs) in enumerate(curves.items()):
+            band = curve_band([[(r["round"], r.get(key)) for r in rows] for rows in runs])
+            if not band:
+                continue
+            xs, mean, lo, hi = zip(*band)
+            ax.plot(xs, mean, "-", lw=1.4, color=f"C{i % 10}", label=f"{name} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(xs, lo, hi, color=f"C{i % 10}", alpha=0.18, lw=0)
+        rounds_axis(ax)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig, axes
 
 
-def reliability_figure(bins: dict[str, Any], title: str = "final global model, test set") -> tuple[plt.Figure, Any]:
-    """Reliability diagram (accuracy per confidence bin against the diagonal) above a
-    histogram of confidences; ``bins`` as returned by ``fedens.metrics.reliability_bins``."""
+def pool_bins(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Reliability bins of several runs pooled: counts added, accuracy and confidence averaged
+    with the counts as weights; the ECE of the pooled bins (``sum_b n_b/n |acc_b - conf_b|``)."""
+    edges = runs[0]["edges"]
+    count = [sum(r["count"][b] for r in runs) for b in range(len(edges) - 1)]
+    acc = [sum(r["count"][b] * r["accuracy"][b] for r in runs) / count[b] if count[b] else 0.0 for b in range(len(count))]
+    conf = [sum(r["count"][b] * r["confidence"][b] for r in runs) / count[b] if count[b] else 0.0 for b in range(len(count))]
+    return {"edges": edges, "count": count, "accuracy": acc, "confidence": conf, "ece": bins_ece(count, acc, conf)}
+
+
+def bins_ece(count: Sequence[float], acc: Sequence[float], conf: Sequence[float]) -> float:
+    total = sum(count)
+    return sum(n / total * abs(a - c) for n, a, c in zip(count, acc, conf)) if total else 0.0
+
+
+def _reliability_axes(top: Any, bottom: Any, bins: dict[str, Any], title: str) -> None:
     edges = bins["edges"]
     width = [b - a for a, b in zip(edges[:-1], edges[1:])]
     left = edges[:-1]
     count = bins["count"]
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(4.2, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
-    )
     filled = [c > 0 for c in count]
-    top.bar(left, [a if f else 0 for a, f in zip(bins["accuracy"], filled)], width, align="edge",
-            edgecolor="k", color="tab:blue", label="accuracy")
-    gap_lo = [min(a, c) for a, c in zip(bins["accuracy"], bins["confidence"])]
-    gap_hi = [abs(a - c) for a, c in zip(bins["accuracy"], bins["confidence"])]
-    top.bar(left, [g if f else 0 for g, f in zip(gap_hi, filled)], width, bottom=gap_lo, align="edge",
-            color="tab:red", alpha=0.3, label="gap to confidence")
+    acc = [a if f else 0.0 for a, f in zip(bins["accuracy"], filled)]
+    conf = [c if f else 0.0 for c, f in zip(bins["confidence"], filled)]
+    top.bar(left, acc, width, align="edge", edgecolor="k", color="tab:blue", label="accuracy")
+    # the gap between accuracy and mean confidence, drawn beside the accuracy bar (not over it),
+    # so its colour is the legend's
+    lo, hi = [min(a, c) for a, c in zip(acc, conf)], [max(a, c) for a, c in zip(acc, conf)]
+    top.bar(left, [h - lo_ for h, lo_ in zip(hi, lo)], width, bottom=lo, align="edge", color="none", edgecolor="tab:red", hatch="////", lw=0.8, label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "k--", lw=1)
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
-    ece = bins.get("ece")
-    top.set_title(title + (f" (ECE {ece:.3f})" if ece is not None else ""), fontsize=9)
-    top.legend(fontsize=8, loc="upper left")
+    top.set_title(title + f" (ECE {bins_ece(count, bins['accuracy'], bins['confidence']):.3f})", fontsize=9)
+    top.legend(fontsize=7, loc="lower right")
     total = max(sum(count), 1)
     bottom.bar(left, [c / total for c in count], width, align="edge", edgecolor="k", color="gray")
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("fraction")
     bottom.set_xlim(0, 1)
+
+
+def reliability_figure(bins: dict[str, Any], title: str = "final global model, test set") -> tuple[plt.Figure, Any]:
+    """Reliability diagram (accuracy per confidence bin against the diagonal, with the gap to
+    the bin's mean confidence hatched) above a histogram of confidences; ``bins`` as returned by
+    ``fedens.metrics.reliability_bins``. The ECE in the title is that of these bins."""
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(4.2, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
+    )
+    _reliability_axes(top, bottom, bins, title)
     return fig, (top, bottom)
+
+
+def reliability_grid_figure(runs: dict[str, Sequence[dict[str, Any]]], title: str = "") -> tuple[plt.Figure, Any]:
+    """One reliability diagram per variant, its runs' final bins pooled (``pool_bins``)."""
+    names = list(runs)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(3.6 * cols, 4.4 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1] * rows}, constrained_layout=True)
+    for i in range(rows * cols):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        if i < len(names):
+            _reliability_axes(top, bottom, pool_bins(runs[names[i]]), f"{names[i]} (n={len(runs[names[i]])})")
+        else:
+            top.axis("off")
+            bottom.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def tradeoff_figure(variants: dict[str, dict[str, Any]], title: str = "") -> tuple[plt.Figure, Any]:
+    """Final test accuracy and ECE against kB per client and round, a point per variant with
+    95% intervals over seeds as error bars (``variants`` as in ``comparison.json``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), constrained_layout=True)
+    for ax, (key, label) in zip(axes, (("test_accuracy", "final test accuracy"), ("test_ece", "final test ECE"))):
+        for i, (name, row) in enumerate(variants.items()):
+            x, y = row["bytes_per_client_round"], row[key]
+            if x.get("mean") is None or y.get("mean") is None:
+                continue
+            err = None if y.get("ci_low") is None else [[y["mean"] - y["ci_low"]], [y["ci_high"] - y["mean"]]]
+            ax.errorbar([x["mean"] / 1000], [y["mean"]], yerr=err, fmt="o", color=f"C{i % 10}", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel("kB per client and round (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
 
 
 # --------------------------------------------------------------------------- decentralized mode
@@ -81,10 +167,10 @@ def reliability_figure(bins: dict[str, Any], title: str = "final global model, t
 # carry per-node lists ``node_<metric>``, ``gossip`` rows ``layer_variance`` (name -> value).
 
 
-def nodes_figure(rows: Sequence[dict[str, Any]], scope: str = "global-test") -> tuple[plt.Figure, Any]:
+def nodes_figure(rows: Sequence[dict[str, Any]], scope: str = "global-test", title: str = "") -> tuple[plt.Figure, Any]:
     """Per-node convergence: accuracy, NLL and ECE of the nodes' models against round, the mean
     over nodes as a line and the min-max over nodes as a band (rows of ``scope``)."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.3), constrained_layout=True)
     got = [r for r in rows if r["scope"] == scope]
     for ax, (key, label) in zip(axes, METRICS):
         pts = [r for r in got if key in r and f"{key}_min" in r]
@@ -93,40 +179,57 @@ def nodes_figure(rows: Sequence[dict[str, Any]], scope: str = "global-test") -> 
             ax.fill_between(xs, [r[f"{key}_min"] for r in pts], [r[f"{key}_max"] for r in pts],
                             alpha=0.25, color="tab:blue", label="min-max over nodes")
             ax.plot(xs, [r[key] for r in pts], "-o", ms=3, color="tab:blue", label="mean over nodes")
-        ax.set_xlabel("round")
-        ax.set_ylabel(f"{label} ({scope})")
+        rounds_axis(ax)
+        ax.set_ylabel(f"{label}, each node's model")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle((title + ": " if title else "") + f"nodes' own models on the {SCOPE_LABEL.get(scope, scope)}", fontsize=10)
     return fig, axes
 
 
-def layer_variance_figure(rows: Sequence[dict[str, Any]]) -> tuple[plt.Figure, Any]:
+def readable_tensor(name: str) -> str:
+    """A payload name as words: ``0.weight`` -> ``layer 0 weights``, ``member.2.3.bias`` ->
+    ``member 2, layer 3 bias``, ``mean.0.weight`` -> ``posterior mean, layer 0 weights``."""
+    prefix = ""
+    parts = name.split(".")
+    if parts[0] == "member" and len(parts) > 2:
+        prefix, parts = f"member {parts[1]}, ", parts[2:]
+    elif parts[0] in ("mean", "precision"):
+        prefix, parts = f"posterior {parts[0]}, ", parts[1:]
+    *where, what = parts
+    what = {"weight": "weights", "bias": "bias"}.get(what, what)
+    return prefix + (f"layer {'.'.join(where)} {what}" if where else what)
+
+
+def layer_variance_figure(rows: Sequence[dict[str, Any]], title: str = "") -> tuple[plt.Figure, Any]:
     """Per-layer weight variance (mean over nodes of the within-tensor variance) against round,
     one line per tensor, from the ``gossip`` rows' ``layer_variance``; log scale."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
     got = [r for r in rows if r["scope"] == "gossip" and r.get("layer_variance")]
     names = list(got[0]["layer_variance"]) if got else []
     for name in names:
-        ax.plot([r["round"] for r in got], [r["layer_variance"][name] for r in got], "-", lw=1.3, label=name)
+        ax.plot([r["round"] for r in got], [r["layer_variance"][name] for r in got], "-", lw=1.3,
+                label=readable_tensor(name))
     ax.set_yscale("log")
-    ax.set_xlabel("round")
-    ax.set_ylabel("weight variance per layer")
+    rounds_axis(ax)
+    ax.set_ylabel("weight variance per tensor")
     ax.grid(alpha=0.3)
     if names:
         ax.legend(fontsize=7)
+    ax.set_title((title + ": " if title else "") + "variance of the nodes' weights", fontsize=9)
     return fig, ax
 
 
 def layer_variance_comparison_figure(
-    runs: dict[str, Sequence[dict[str, Any]]], per_layer: bool = False
+    runs: dict[str, Sequence[dict[str, Any]]], per_layer: bool = False, title: str = ""
 ) -> tuple[plt.Figure, Any]:
     """Layer variance against round for several runs ``{label: rows}`` (e.g. ``average`` vs
     ``vca``: without and with variance correction). One line per run for
     ``layer_variance_mean`` (the mean over layers); with ``per_layer`` also a thin line per
     tensor in the run's colour. Log scale."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
     for i, (label, rows) in enumerate(runs.items()):
-        color = f"C{i}"
+        color = f"C{i % 10}"
         got = [r for r in rows if r["scope"] == "gossip" and r.get("layer_variance_mean") is not None]
         xs = [r["round"] for r in got]
         ax.plot(xs, [r["layer_variance_mean"] for r in got], "-", lw=1.8, color=color, label=label)
@@ -134,10 +237,12 @@ def layer_variance_comparison_figure(
             for name in got[0]["layer_variance"]:
                 ax.plot(xs, [r["layer_variance"][name] for r in got], "-", lw=0.6, alpha=0.5, color=color)
     ax.set_yscale("log")
-    ax.set_xlabel("round")
-    ax.set_ylabel("weight variance (mean over layers)")
+    rounds_axis(ax)
+    ax.set_ylabel("weight variance (mean over tensors)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title + (" (thin lines: each tensor)" if per_layer else ""), fontsize=9)
     return fig, ax
 
 

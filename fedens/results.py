@@ -53,6 +53,7 @@ class RunRecorder:
         self._log_handler.setLevel(logging.DEBUG)
         for name in ("flwr", "fedens"):
             logging.getLogger(name).addHandler(self._log_handler)
+        self._board = TensorBoard(self.dir / "tensorboard") if scn.output.tensorboard else None
 
     @property
     def log_path(self) -> Path:
@@ -64,6 +65,8 @@ class RunRecorder:
         self._metrics.flush()
         os.fsync(self._metrics.fileno())
         self.rows.extend(rows)
+        if self._board is not None:
+            self._board.rows(rows)
 
     def save_checkpoint(self, arrays: Mapping[str, np.ndarray], server_round: int) -> None:
         tmp = self.dir / "checkpoint.tmp.npz"
@@ -91,27 +94,72 @@ class RunRecorder:
             "started_at": self.started,  # Unix time of the run's start; rows' time_s count from it
             "wall_time_s": round(time.time() - self.started, 3),
             "final": self.final_metrics(),
+            "reliability": self.reliability,  # the final bins, pooled over seeds by fedens compare
             "bytes_sent": sum(r.get("bytes_sent", 0) for r in self.rows),
             "bytes_received": sum(r.get("bytes_received", 0) for r in self.rows),
             "versions": _versions(),
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        gossip = any(r["scope"] == "gossip" for r in self.rows)  # decentralized mode: no global model
         if any(r["scope"] == "global-test" for r in self.rows):
-            plots.save(plots.convergence_figure(self.rows)[0], self.dir / "convergence.png")
-        if any(r["scope"] == "gossip" for r in self.rows):  # decentralized mode
-            plots.save(plots.nodes_figure(self.rows)[0], self.dir / "nodes.png")
-            plots.save(plots.layer_variance_figure(self.rows)[0], self.dir / "layer_variance.png")
+            what = "mean over the nodes' models" if gossip else "global model (test, shifted) and clients"
+            plots.save(plots.convergence_figure(self.rows, f"{self.scn.name}: {what}")[0], self.dir / "convergence.png")
+        if gossip:
+            plots.save(plots.nodes_figure(self.rows, title=self.scn.name)[0], self.dir / "nodes.png")
+            plots.save(plots.layer_variance_figure(self.rows, title=self.scn.name)[0], self.dir / "layer_variance.png")
         if self.reliability is not None:
-            plots.save(plots.reliability_figure(self.reliability)[0], self.dir / "reliability.png")
+            label = self.reliability.get("label", "test set")
+            plots.save(plots.reliability_figure(self.reliability, f"{self.scn.name}: {label}")[0], self.dir / "reliability.png")
+        if self._board is not None:
+            self._board.images(sorted(self.dir.glob("*.png")))
         self.close()
         return summary
 
     def close(self) -> None:
         if not self._metrics.closed:
             self._metrics.close()
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         for name in ("flwr", "fedens"):
             logging.getLogger(name).removeHandler(self._log_handler)
         self._log_handler.close()
+
+
+class TensorBoard:
+    """The run's rows as TensorBoard scalars (``<scope>/<metric>`` against round) and its final
+    plots as images, in ``<run>/tensorboard`` (``output.tensorboard: true``). Lists (per-node
+    values) and texts are not scalars and are left out; ``layer_variance`` becomes one scalar
+    per tensor."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def rows(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            scope, step = row["scope"], int(row["round"])
+            for key, value in row.items():
+                if key in ("round", "scope"):
+                    continue
+                if isinstance(value, dict):
+                    for name, v in value.items():
+                        if isinstance(v, (int, float)) and not isinstance(v, bool):
+                            self.writer.add_scalar(f"{scope}/{key}/{name}", v, step)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{scope}/{key}", value, step)
+        self.writer.flush()
+
+    def images(self, paths: list[Path]) -> None:
+        import matplotlib.image
+
+        for path in paths:
+            self.writer.add_image(f"plots/{path.stem}", matplotlib.image.imread(path)[..., :3], dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

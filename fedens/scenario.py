@@ -147,6 +147,10 @@ class EngineConfig(_Strict):
 class OutputConfig(_Strict):
     dir: str = "runs"
     checkpoint: bool = Field(True, description="save the global model after every evaluation")
+    tensorboard: bool = Field(
+        False, description="also write every scope's metrics per round and the final plots as TensorBoard events "
+        "(run folder/tensorboard; pip install fedens[tensorboard])"
+    )
 
 
 class GossipConfig(_Strict):

@@ -118,6 +118,7 @@ class Engine:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._owns_ray = False  # this engine started Ray (else it uses the process's session)
         self.runs = 0  # runs done in this session
         self.started_at: float | None = None
         self.ready_at: float | None = None
@@ -148,7 +149,8 @@ class Engine:
                 os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
                 _start_local_ray(self.ray_num_cpus, self.verbose)
                 started = True
-            self._pool = _ActorPool(self._first_resources)
+            self._pool = _ActorPool(self._first_resources, shared_ray=not started)
+            self._owns_ray = started
             self.ready_at = time.perf_counter()
         except BaseException as err:  # reported to the thread that waits for the engine
             self._error = err
@@ -219,7 +221,7 @@ class Engine:
         wanted = dict(resources or self._first_resources)
         if self._pool.resources != wanted:  # another per-client share: another pool
             self._pool.terminate()
-            self._pool = _ActorPool(wanted)
+            self._pool = _ActorPool(wanted, shared_ray=not self._owns_ray)
         from fedens.linkstate import SimulatedRun
 
         app = _Shared(ray.put(client_app))
@@ -360,11 +362,21 @@ class _ActorPool:
     """As many actors as the per-client ``resources`` fit on the Ray cluster (Flower's
     ``pool_size_from_resources``), created at once; they start while the caller goes on."""
 
-    def __init__(self, resources: Resources) -> None:
+    def __init__(self, resources: Resources, shared_ray: bool = False) -> None:
+        import ray
         from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
         self.resources = dict(resources)
         self.size = pool_size_from_resources(self.resources)
+        if shared_ray:  # a Ray session someone else uses: only what is free now (else the actors never start)
+            free = ray.available_resources()
+            fits = [int(free.get("CPU", 0) // self.resources["num_cpus"])]
+            if self.resources.get("num_gpus", 0) > 0:
+                fits.append(int(free.get("GPU", 0) // self.resources["num_gpus"]))
+            self.size = min(self.size, *fits)
+            if self.size < 1:
+                raise EngineError(f"the process's Ray session has no free resources for a client {self.resources} "
+                                  f"(free: {free}); another engine holds them")
         self.actors = [self.new_actor() for _ in range(self.size)]
 
     def new_actor(self) -> Any:

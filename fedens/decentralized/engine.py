@@ -202,7 +202,7 @@ class GossipMeter:
                     labels = torch.from_numpy(ds.y).repeat(len(models))
                     pooled = probs.reshape(-1, probs.shape[-1])
                     self.recorder.reliability = {**reliability_bins(pooled, labels, scn.evaluate.n_bins),
-                                                 "ece": rows[-1]["ece"]}
+                                                 "label": "every node's final model, test set, pooled"}
         if val:
             pids = sorted(val)
             keys = [k for k in METRIC_KEYS if all(f"val_{k}" in val[p] for p in pids)]

@@ -169,3 +169,29 @@ def test_gpu_share_puts_members_and_data_on_the_actors_gpu(session, tmp_path: Pa
     cpu = session.run(TINY, out=tmp_path / "cpu")
     assert gpu.summary["status"] == "ok"
     assert gpu.final["global-test"]["accuracy"] == pytest.approx(cpu.final["global-test"]["accuracy"], abs=0.03)
+
+
+def test_comparison_over_seeds_resumes_and_reruns_what_changed(session, tmp_path: Path):
+    """Two variants x two seeds through the engine: runs.csv, the statistics and the plots;
+    the same command again runs nothing; a changed variant runs again, the other does not."""
+    from fedens.compare import run_comparison
+
+    (tmp_path / "base.yaml").write_text(json.dumps(TINY))
+    cmp = tmp_path / "cmp.yaml"
+    cmp.write_text("name: c\nbase: base.yaml\nseeds: 2\nreference: a\nvariants: {a: {}, b: {train: {lr: 0.05}}}\n")
+    out = tmp_path / "out"
+    report = run_comparison(cmp, out, session=session, progress=False)
+    for name in ("runs.csv", "comparison.md", "comparison.json", "comparison.png", "reliability.png", "tradeoff.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/seed-*")) == ["a/seed-0", "a/seed-1", "b/seed-0", "b/seed-1"]
+    assert report["variants"]["a"]["test_accuracy"]["n"] == 2 and report["versus_reference"]["b"]["test_accuracy"]["n"] == 2
+    lines = (out / "runs.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("variant,seed,status,test_accuracy")
+    stamp = (out / "a" / "seed-0" / "summary.json").stat().st_mtime_ns
+    again = run_comparison(cmp, out, session=session, progress=False)  # nothing to run
+    assert again["variants"] == report["variants"]
+    assert (out / "a" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
+    cmp.write_text("name: c\nbase: base.yaml\nseeds: 2\nreference: a\nvariants: {a: {}, b: {train: {lr: 0.2}}}\n")
+    run_comparison(cmp, out, session=session, progress=False)
+    assert (out / "a" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
+    assert "lr: 0.2" in (out / "b" / "seed-1" / "scenario.yaml").read_text()

@@ -83,7 +83,7 @@ class ShiftConfig(_Strict):
 class DataConfig(_Strict):
     dataset: str = "digits"
     params: dict[str, Any] = Field(default_factory=dict, description="options of the dataset")
-    num_clients: int = Field(10, ge=1)
+    num_clients: int = Field(10, ge=1, le=10_000_000)
     partition: PartitionConfig = Field(default_factory=IidPartition)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out global test set")
     server_fraction: float = Field(
@@ -109,8 +109,8 @@ class LearnerConfig(_Open):
 
 
 class TrainConfig(_Strict):
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
+    local_epochs: int = Field(1, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=10_000_000)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -123,9 +123,9 @@ class StrategyConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    every: int = Field(1, ge=1, description="evaluate every N rounds (and round 0 and the last)")
-    n_bins: int = Field(10, ge=2, description="equal-width ECE bins, as in the IVON and LoRA-Ensemble papers")
-    batch_size: int = Field(512, ge=1)
+    every: int = Field(1, ge=1, le=1_000_000, description="evaluate every N rounds (and round 0 and the last)")
+    n_bins: int = Field(10, ge=2, le=10_000, description="equal-width ECE bins, as in the IVON and LoRA-Ensemble papers")
+    batch_size: int = Field(512, ge=1, le=10_000_000)
     max_clients: int | None = Field(
         100, ge=1, description="at most this many clients evaluate per round (a seeded sample); None: no cap"
     )
@@ -169,12 +169,13 @@ class GossipConfig(_Strict):
 
 
 class Scenario(_Strict):
-    name: str = Field("scenario", min_length=1)
-    seed: int = Field(0, ge=0)
+    name: str = Field("scenario", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$",
+                      description="letters, digits and _ . = + -: it names the run folder inside output.dir")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     mode: Literal["federated", "decentralized"] = Field(
         "federated", description="decentralized: no global model; nodes gossip along `topology`"
     )
-    rounds: int = Field(20, ge=1)
+    rounds: int = Field(20, ge=1, le=1_000_000)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -240,16 +241,94 @@ def parse_scenario(
         raise ScenarioError(f"{label}: {_first_error(err, raw)}") from None
 
 
+# Bounds on what a scenario file may be: a configuration, not a data file. They keep hostile
+# input (a YAML alias bomb, thousands of nested lists, a huge file) to a one-line error in
+# milliseconds instead of gigabytes of memory or a RecursionError.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 40
+MAX_VALUES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` in which a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently, so a typo'd duplicate would override the intended value)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            duplicate = False
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML with the strict loader and check its size (``_bounded``). Raises
+    ``yaml.YAMLError`` or ``ValueError`` (one line)."""
+    if "\x00" in text:
+        raise ValueError("the text contains a NUL byte")
+    depth = deepest = 0
+    for ch in text:  # flow-style nesting, counted before the parser recurses into it
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > MAX_DEPTH:
+        raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels)")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
+    _bounded(data)
+    return data
+
+
+def _bounded(data: Any) -> None:
+    """Fail on more than ``MAX_DEPTH`` levels or ``MAX_VALUES`` values, counting every
+    reference a YAML alias makes (so a document whose aliases expand to billions of values is
+    refused after ``MAX_VALUES``)."""
+    count = 0
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ValueError(f"more than {MAX_VALUES} values (YAML aliases that expand?): not a scenario")
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ScenarioError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ScenarioError(f"{path}: larger than {MAX_FILE_BYTES >> 10} kB: not a scenario file")
+        return load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ScenarioError(f"{path}: {where}invalid YAML: {problem}") from None
+    except ScenarioError:
+        raise
+    except ValueError as err:
+        raise ScenarioError(f"{path}: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ScenarioError(f"{path}: cannot read: {err}") from None
 
@@ -259,10 +338,14 @@ def parse_override(text: str, label: str = "--set") -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ScenarioError(f"{label}: {text!r}: expected KEY=VALUE")
+    if len(text) > MAX_FILE_BYTES:
+        raise ScenarioError(f"{label}: {key.strip()[:40]}: value too large")
     try:
-        return key.strip(), yaml.safe_load(value) if value.strip() else None
+        return key.strip(), load_yaml_text(value) if value.strip() else None
     except yaml.YAMLError:
-        raise ScenarioError(f"{label}: {key}: value {value!r} is not valid YAML") from None
+        raise ScenarioError(f"{label}: {key}: value {value[:80]!r} is not valid YAML") from None
+    except ValueError as err:
+        raise ScenarioError(f"{label}: {key}: {err}") from None
 
 
 def _apply_overrides(
@@ -345,7 +428,7 @@ def check_references(scn: Scenario) -> Scenario:
     from fedens.data import DATASETS
     from fedens.learners import resolve_learner
     from fedens.models import MODELS
-    from strategies import resolve_strategy
+    from strategies import build_strategy, check_params, resolve_strategy
 
     label = scn.source
     try:
@@ -373,7 +456,11 @@ def check_references(scn: Scenario) -> Scenario:
     except PluginError as err:
         raise ScenarioError(f"{label}: learner.kind: {err}") from None
     learner_options = _absolute_paths(learner_cls.Options, scn.learner.options, scn.base_dir)
-    _validate_options(learner_cls.Options, learner_options, label, "learner")
+    learner_opts = _validate_options(learner_cls.Options, learner_options, label, "learner")
+    check = getattr(learner_cls, "check_scenario", None)
+    problem = check(learner_opts, scn) if check is not None else None
+    if problem:
+        raise ScenarioError(f"{label}: {problem}")
 
     if scn.data.partition.kind == "pathological" and scn.data.partition.classes_per_client > num_classes:
         raise ScenarioError(
@@ -390,10 +477,13 @@ def check_references(scn: Scenario) -> Scenario:
         cls = resolve_strategy(scn.strategy.name, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: strategy.name: {err}") from None
-    try:
-        inspect.signature(cls).bind_partial(**scn.strategy.params)
-    except TypeError as err:
-        raise ScenarioError(f"{label}: strategy.params: {err}") from None
+    problem = check_params(cls, scn.strategy.params)
+    if problem:
+        raise ScenarioError(f"{label}: strategy.params.{problem}")
+    try:  # the constructor's own checks (ranges, choices), here rather than after Ray starts
+        build_strategy(cls, {"fraction_train": scn.fraction_train}, scn.strategy.params)
+    except (TypeError, ValueError) as err:
+        raise ScenarioError(f"{label}: strategy.params{_named(str(err), scn.strategy.params)}") from None
     supported = getattr(cls, "supported_learners", None)
     if supported is not None:
         from fedens.learners import LEARNERS
@@ -413,6 +503,14 @@ def check_references(scn: Scenario) -> Scenario:
         "strategy": scn.strategy.model_copy(update={"name": _absolute_ref(scn.strategy.name, scn.base_dir)}),
         "learner": LearnerConfig(kind=_absolute_ref(scn.learner.kind, scn.base_dir), **learner_options),
     })
+
+
+def _named(message: str, params: dict[str, Any]) -> str:
+    """A constructor's error as ``.<key>: message`` when it names exactly one of the params
+    (``mu must be >= 0, got -1`` -> ``.mu: mu must be >= 0, got -1``), else ``: message``."""
+    message = message.splitlines()[0] if message else "invalid value"
+    named = [k for k in params if k in message.replace(":", " ").replace(",", " ").split()]
+    return f".{named[0]}: {message}" if len(named) == 1 else f": {message}"
 
 
 def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_options: dict[str, Any]) -> Scenario:

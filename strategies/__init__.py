@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,60 @@ def resolve_strategy(name: str, base_dir: Path | None = None) -> type[Strategy]:
     if inspect.isabstract(cls):
         raise PluginError(f"{name!r} is abstract (it does not implement every Strategy method)")
     return cls
+
+
+# Ranges of Flower's FedAvg-family constructor arguments, which its signature only types.
+FEDAVG_RANGES: dict[str, dict[str, float]] = {
+    "fraction_train": {"ge": 0, "le": 1}, "fraction_evaluate": {"ge": 0, "le": 1},
+    "min_train_nodes": {"ge": 0}, "min_evaluate_nodes": {"ge": 0}, "min_available_nodes": {"ge": 0},
+}
+
+
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Every keyword a class's constructor takes, following ``**kwargs`` up the MRO (a fedens
+    strategy passes the rest to Flower's FedAvg)."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        sig = inspect.signature(init)
+        for name, p in sig.parameters.items():
+            if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                params.setdefault(name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            return params
+    return params
+
+
+def check_params(cls: type[Strategy], params: dict[str, Any]) -> str | None:
+    """Why ``params`` cannot be ``cls``'s constructor arguments, as ``"<key>: problem"``, or
+    None: an unknown key, a value of the wrong type (from the constructor's annotations), or
+    out of range (Flower's FedAvg arguments; a fedens strategy's own checks in its constructor
+    are run by ``build_strategy``, also before Ray starts)."""
+    from pydantic import ConfigDict, Field, ValidationError, create_model
+
+    accepted = constructor_parameters(cls)
+    for key in params:
+        if key not in accepted:
+            return f"{key}: unknown parameter of {cls.__name__} (it takes: {', '.join(sorted(accepted)) or 'none'})"
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that cannot be resolved: check names only
+        hints = {}
+    fields: dict[str, Any] = {}
+    for name in params:
+        annotation = hints.get(name, Any)
+        ranges = FEDAVG_RANGES.get(name, {})
+        fields[name] = (annotation, Field(..., **ranges))
+    model = create_model(f"{cls.__name__}Params", __config__=ConfigDict(arbitrary_types_allowed=True, strict=False), **fields)
+    try:
+        model.model_validate(params)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"][:1])
+        return f"{loc}: {e['msg'][0].lower() + e['msg'][1:]} (got {params.get(loc)!r})"
+    return None
 
 
 def build_strategy(cls: type[Strategy], defaults: dict[str, Any], params: dict[str, Any]) -> Strategy:

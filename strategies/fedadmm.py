@@ -38,8 +38,10 @@ class FedADMM(FedensStrategy):
     supported_learners = ("single",)
 
     def __init__(self, rho: float = 0.01, eta: float = 1.0, **fedavg_kwargs: Any) -> None:
-        if rho <= 0 or eta <= 0:
-            raise ValueError("need rho > 0 and eta > 0")
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho!r}")
+        if not eta > 0:
+            raise ValueError(f"eta must be > 0, got {eta!r}")
         super().__init__(**fedavg_kwargs)
         self.rho, self.eta = rho, eta
         self.initial: Arrays | None = None

@@ -36,8 +36,8 @@ class FedDyn(FedensStrategy):
     supported_learners = ("single",)
 
     def __init__(self, alpha: float = 0.01, **fedavg_kwargs: Any) -> None:
-        if alpha <= 0:
-            raise ValueError("alpha must be > 0")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
         super().__init__(**fedavg_kwargs)
         self.alpha = alpha
         self.h: Arrays = {}

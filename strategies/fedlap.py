@@ -63,8 +63,10 @@ class FedLap(FedensStrategy):
     supported_learners = ("single",)
 
     def __init__(self, delta: float = 1.0, rho: float = 0.5, **fedavg_kwargs: Any) -> None:
-        if delta <= 0 or not 0 < rho <= 1:
-            raise ValueError("need delta > 0 and 0 < rho <= 1")
+        if not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta!r}")
+        if not 0 < rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {rho!r}")
         super().__init__(**fedavg_kwargs)
         self.delta, self.rho = delta, rho
         self.duals: dict[int, Arrays] = {}  # partition id -> {"dual.<name>": v_k}

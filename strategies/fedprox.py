@@ -18,8 +18,8 @@ class FedProx(FedensStrategy):
     supported_learners = ("single",)  # and its subclasses: the term is added in single's loop
 
     def __init__(self, mu: float = 0.01, **fedavg_kwargs: Any) -> None:
-        if mu < 0:
-            raise ValueError("mu must be >= 0")
+        if not mu >= 0:
+            raise ValueError(f"mu must be >= 0, got {mu!r}")
         super().__init__(**fedavg_kwargs)
         self.mu = mu
 

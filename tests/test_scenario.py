@@ -65,7 +65,7 @@ BAD = [
     ("model: {kind: cnn}\ndata: {dataset: synthetic}\n", [], "model.kind: cnn needs image inputs"),
     ("learner: {kind: bayes_magic}\n", [], "learner.kind: unknown learner"),
     ("strategy: {name: fedmagic}\n", [], "strategy.name: unknown strategy 'fedmagic'"),
-    ("strategy: {name: fedavg, params: {alpha: 1}}\n", [], "strategy.params: got an unexpected keyword argument 'alpha'"),
+    ("strategy: {name: fedavg, params: {alpha: 1}}\n", [], "strategy.params.alpha: unknown parameter of FedAvg (it takes: "),
     ("strategy: {name: nowhere.py:Cls}\n", [], "strategy.name: plug-in file 'nowhere.py' not found"),
     ("strategy: {name: 'json:dumps'}\n", [], "strategy.name: 'json:dumps' is not a subclass"),
     ("strategy: {name: 'flwr.serverapp.strategy:NoSuch'}\n", [], "has no attribute 'NoSuch'"),

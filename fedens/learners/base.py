@@ -93,6 +93,13 @@ class Learner(ABC):
         return 0.0 if self.objective is None else self.objective.penalty(params)
 
     @classmethod
+    def check_scenario(cls, options: Any, scn: Any) -> str | None:
+        """Why this learner cannot run the (otherwise valid) scenario, as ``"key.path: why"``, or
+        ``None``; called when a scenario is validated, so the error is exit code 2 before Ray
+        starts (e.g. a preparation that needs the server's public split). Default: nothing."""
+        return None
+
+    @classmethod
     def prepare(cls, options: Any, ctx: PrepareContext) -> Any:
         """Work done once, before federation, in the driver (e.g. pretrain a backbone on the
         public split and save it under ``ctx.run_dir``). Returns the options that clients and

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,13 @@ class LoRAEnsembleLearner(Learner):
         self.head_bias = nn.Parameter(head.bias.detach().repeat(m, 1))  # (members, classes)
 
     # ------------------------------------------------------------------ preparation
+
+    @classmethod
+    def check_scenario(cls, options: LoRAEnsembleOptions, scn: Any) -> str | None:
+        if options.backbone is None and scn.data.server_fraction <= 0:
+            return ("data.server_fraction: lora_ensemble pretrains its backbone on the server's public split: "
+                    "set it > 0 (e.g. 0.1) or give learner.backbone: path/to/backbone.pt")
+        return None
 
     @classmethod
     def prepare(cls, options: LoRAEnsembleOptions, ctx: PrepareContext) -> LoRAEnsembleOptions:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -108,6 +108,13 @@ class SubnetworkLearner(TiledEnsembleLearner):
     Options = SubnetworkOptions
     options: SubnetworkOptions
     sum_member_losses = True
+
+    @classmethod
+    def check_scenario(cls, options: SubnetworkOptions, scn: Any) -> str | None:
+        if options.masks_file is None and scn.data.server_fraction <= 0:
+            return ("data.server_fraction: subnetwork trains its parent network on the server's public split: "
+                    "set it > 0 (e.g. 0.1) or give learner.masks_file")
+        return None
 
     @classmethod
     def prepare(cls, options: SubnetworkOptions, ctx: PrepareContext) -> SubnetworkOptions:

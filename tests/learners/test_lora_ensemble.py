@@ -17,7 +17,7 @@ from fedens.data import load_client_data, load_server_data
 from fedens.learners import build_learner
 from fedens.learners.lora_ensemble import LoRAEnsembleLearner
 from fedens.models import build_model
-from fedens.scenario import Scenario, load_scenario
+from fedens.scenario import Scenario, ScenarioError, load_scenario
 from fedens.seeding import seeded_generator
 
 MODEL = {"kind": "vit", "dim": 32, "heads": 4, "depth": 2}
@@ -76,7 +76,8 @@ def test_prepare_uses_a_given_backbone_without_training(scn: Scenario, tmp_path:
 
 
 def test_prepare_without_public_data_or_backbone_is_a_clear_error(tmp_path: Path):
-    with pytest.raises(ValueError, match=r"set data.server_fraction > 0 or give learner.backbone"):
+    # found when the scenario is validated (before Ray starts), not in preparation
+    with pytest.raises(ScenarioError, match=r"data.server_fraction: lora_ensemble pretrains .* or give learner.backbone"):
         scenario(tmp_path, server_fraction=0.0)
 
 

@@ -55,15 +55,15 @@ def test_prepare_writes_the_file_and_returns_its_path(tmp_path: Path):
 
 
 def test_prepare_with_empty_public_split_raises(tmp_path: Path):
-    with pytest.raises(ValueError, match=r"set data\.server_fraction > 0"):
-        scenario(tmp_path, server_fraction=0.0)
+    with pytest.raises(ValueError, match=r"data\.server_fraction: subnetwork trains its parent .* set it > 0"):
+        scenario(tmp_path, server_fraction=0.0)  # found when the scenario is validated
     assert not (tmp_path / MASKS_FILE).exists()
 
 
 def test_learner_without_masks_file_or_with_other_members_raises(tmp_path: Path):
-    raw = {"data": {"num_clients": 2}, "model": MODELS["mlp"], "learner": {"kind": "subnetwork"}}
+    raw = {"data": {"num_clients": 2, "server_fraction": 0.2}, "model": MODELS["mlp"], "learner": {"kind": "subnetwork"}}
     with pytest.raises(ValueError, match="masks_file is not set"):
-        build(load_scenario(raw))
+        build(load_scenario(raw))  # valid, but not prepared
     scn = scenario(tmp_path, members=2)
     other = scn.model_copy(update={"learner": scn.learner.model_copy(update={"members": 3})})
     with pytest.raises(ValueError, match="masks for 2 members"):

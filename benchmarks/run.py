@@ -1,0 +1,240 @@
+"""Run the benchmark suite and write ``docs/results.md``: one comparison file per claim.
+
+    python benchmarks/run.py --out runs/bench            # run (or resume) every comparison, then report
+    python benchmarks/run.py --out runs/bench --only ivon gossip
+    python benchmarks/run.py --out runs/bench --report   # only the report, from finished runs
+
+Every comparison runs through one warm engine and is resumable (a finished run is not run
+again). A claim's verdict, per compared pair, from the paired differences over the same seeds
+(``fedens.stats.paired``, 95% Student-t interval):
+
+- holds: the interval lies on the claimed side of 0 (for "comparable": inside +-``MARGIN``);
+- does not hold: it lies on the other side (for "comparable": outside +-``MARGIN``);
+- inconclusive at this number of seeds: otherwise.
+
+A pair's verdict is "holds" when every check holds, "does not hold" when any check does not
+hold, and "inconclusive" otherwise. Nothing is tuned: every method runs with its fedens
+defaults and the comparison's shared training settings (docs/results.md says so per claim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedens import stats  # noqa: E402
+from fedens.results import read_metrics  # noqa: E402
+
+MARGIN = 0.02  # "comparable accuracy": the paired difference's interval within +-2 points
+NAMES = {"test_accuracy": "accuracy", "test_ece": "ECE", "test_nll": "NLL", "rounds_to_target": "rounds to target",
+         "best_client": "accuracy - best client's"}
+
+
+@dataclass
+class Check:
+    metric: str  # a column of runs.csv, or "best_client" (swarm)
+    direction: str  # "higher", "lower", "not lower" (higher or within the margin), "comparable"
+
+
+@dataclass
+class Claim:
+    key: str
+    comparison: str
+    title: str
+    source: str
+    pairs: list[tuple[str, str]]  # (variant, baseline); "*" = every variant against the reference
+    checks: list[Check]
+    reading: str = ""
+    plot: str = "comparison.png"
+    extra_plots: list[str] = field(default_factory=list)
+
+
+CLAIMS = [
+    Claim("ensembles", "ensembles", "Ensembles are better calibrated than a single network",
+          "deep ensembles (Lakshminarayanan et al. 2017), BatchEnsemble (Wen et al. 2020), FiLM-Ensemble (Turkoglu et al. "
+          "2022), subnetworks (Zhang et al. 2021), MC dropout (Gal & Ghahramani 2016), snapshots (Huang et al. 2017), "
+          "low-precision ensembles (Nam & Lee 2024)",
+          [("*", "")], [Check("test_ece", "lower"), Check("test_nll", "lower")], plot="comparison.png",
+          extra_plots=["reliability.png"]),
+    Claim("lora", "lora", "LoRA-Ensemble is as accurate as an explicit ensemble and better calibrated",
+          "Halbheer et al. 2024", [("lora_ensemble", "deep_ensemble")],
+          [Check("test_accuracy", "comparable"), Check("test_ece", "lower")], extra_plots=["tradeoff.png"]),
+    Claim("ivon", "ivon", "IVON matches SGD's accuracy at the same cost and is better calibrated",
+          "Shen et al. 2024", [("ivon", "sgd"), ("ivon", "sgd_at_ivon_lr")],
+          [Check("test_accuracy", "not lower"), Check("test_ece", "lower")]),
+    Claim("ivon_admm", "admm", "IVON-ADMM reaches at least the accuracy of FedAvg, FedProx, FedDyn and FedLap under "
+          "strong heterogeneity", "Möllenhoff et al. 2025",
+          [("ivon_admm", b) for b in ("fedavg", "fedprox", "feddyn", "fedlap")], [Check("test_accuracy", "not lower")]),
+    Claim("fedlap_cov", "admm", "FedLap-Cov improves on FedLap", "Swaroop et al. 2025", [("fedlap_cov", "fedlap")],
+          [Check("test_accuracy", "higher")]),
+    Claim("posteriors", "posteriors", "Posterior merging and FedBE give a better calibrated global model than FedAvg",
+          "Daheim et al. 2024 (posterior merging), Chen & Chao 2021 (FedBE)",
+          [(v, "fedavg") for v in ("posterior_avg", "posterior_product", "uncertainty_merge", "fedbe", "ivon_fedavg")],
+          [Check("test_ece", "lower"), Check("test_nll", "lower")], extra_plots=["reliability.png"]),
+    Claim("swarm", "swarm", "The swarm's agreed ensemble beats every single client's model",
+          "the swarm-consensus seed paper (PoSw)", [("swarm", "")], [Check("best_client", "higher")]),
+    Claim("gossip", "gossip", "Variance-corrected gossip reaches a target accuracy in fewer rounds than plain gossip",
+          "the Vanishing Variance paper (variance-corrected model averaging)",
+          [("vca-topology=ring", "average-topology=ring"), ("vca-topology=regular", "average-topology=regular")],
+          [Check("rounds_to_target", "lower")], extra_plots=["layer_variance.png"]),
+]
+
+
+def run_all(out: Path, only: list[str]) -> dict[str, float]:
+    """Every comparison into ``out/<name>``, in one session; seconds per comparison."""
+    import fedens
+    from fedens.compare import run_comparison
+
+    elapsed: dict[str, float] = {}
+    files = sorted((ROOT / "benchmarks").glob("*.yaml"))
+    with fedens.session() as session:
+        for path in files:
+            if only and path.stem not in only:
+                continue
+            t = time.time()
+            print(f"== {path.stem}", flush=True)
+            run_comparison(path, out / path.stem, session=session, progress=False)
+            elapsed[path.stem] = time.time() - t
+    return elapsed
+
+
+def values(report: dict, variant: str, metric: str, out: Path, rounds: int) -> dict[int, float | None]:
+    """seed -> value of ``metric`` for ``variant``: a runs.csv column, or for "best_client" the
+    final agreed ensemble's accuracy minus the best single client's (swarm). A run that never
+    reaches the target counts as ``rounds + 1`` rounds (censored), so it is not dropped."""
+    runs = [r for r in report["runs"] if r["variant"] == variant]
+    if metric == "best_client":
+        got = {}
+        for r in runs:
+            train = [x for x in read_metrics(out / variant / f"seed-{r['seed']}") if x["scope"] == "train"]
+            best = train[-1].get("best_client_test_accuracy") if train else None
+            got[r["seed"]] = None if best is None or r["test_accuracy"] is None else r["test_accuracy"] - best
+        return got
+    if metric == "rounds_to_target":
+        return {r["seed"]: rounds + 1 if r[metric] is None else r[metric] for r in runs}
+    return {r["seed"]: r[metric] for r in runs}
+
+
+def verdict(d: stats.Paired, direction: str) -> str:
+    if d.ci_low is None:
+        return "inconclusive"
+    if direction == "comparable":
+        if -MARGIN <= d.ci_low and d.ci_high <= MARGIN:
+            return "holds"
+        return "does not hold" if d.ci_low > MARGIN or d.ci_high < -MARGIN else "inconclusive"
+    if direction == "not lower":
+        if d.ci_low > -MARGIN:
+            return "holds"
+        return "does not hold" if d.ci_high < -MARGIN else "inconclusive"
+    above, below = d.ci_low > 0, d.ci_high < 0
+    want_above = direction == "higher"
+    if (above and want_above) or (below and not want_above):
+        return "holds"
+    return "does not hold" if (above or below) else "inconclusive"
+
+
+def combine(verdicts: list[str]) -> str:
+    if all(v == "holds" for v in verdicts):
+        return "holds"
+    return "does not hold" if "does not hold" in verdicts else "inconclusive at this number of seeds"
+
+
+def fmt(d: stats.Paired, digits: int) -> str:
+    if d.mean is None:
+        return "n/a"
+    if d.ci_low is None:
+        return f"{d.mean:+.{digits}f}"
+    return f"{d.mean:+.{digits}f} [{d.ci_low:+.{digits}f}, {d.ci_high:+.{digits}f}]"
+
+
+def report(out: Path, elapsed: dict[str, float]) -> str:
+    from fedens.compare import load_comparison
+
+    img = ROOT / "docs" / "img" / "results"
+    img.mkdir(parents=True, exist_ok=True)
+    lines = ["# Results: the papers' claims, checked with fedens", "",
+             "Every claim below is one comparison file in `benchmarks/`, run with 5 seeds (a seed fixes the split, the "
+             "initialisation and all client randomness, so variants on the same seed are paired). Intervals are 95% "
+             "Student-t intervals of the mean paired difference (variant - baseline) over the seeds. A claim "
+             "**holds** when the interval lies on the claimed side of zero, **does not hold** when it lies on the "
+             f"other side, and is **inconclusive at this number of seeds** otherwise; \"comparable\" means inside "
+             f"±{MARGIN} and \"not lower\" means above -{MARGIN} (accuracy points as fractions). A run that never "
+             "reaches a target counts as the number of rounds + 1. Nothing was tuned: every method runs with its "
+             "fedens defaults (`docs/methods.md`) and the comparison's shared training settings.", "",
+             "Regenerate: `python benchmarks/run.py --out runs/bench` (resumes), then this page is rewritten.", ""]
+    summary_rows = []
+    sections = []
+    total_runs, run_seconds = 0, 0.0
+    for claim in CLAIMS:
+        folder = out / claim.comparison
+        path = folder / "comparison.json"
+        if not path.exists():
+            sections += [f"## {claim.title}", "", f"Not run yet (`{claim.comparison}`).", ""]
+            continue
+        rep = json.loads(path.read_text())
+        cmp, planned = load_comparison(ROOT / "benchmarks" / f"{claim.comparison}.yaml")
+        rounds = planned[0].scenario.rounds
+        pairs = claim.pairs
+        if pairs == [("*", "")]:
+            pairs = [(v, rep["versus_reference"][v]["reference"]) for v in rep["versus_reference"]]
+        sections += [f"## {claim.title}", "", f"Source: {claim.source}. Command: "
+                     f"`fedens compare benchmarks/{claim.comparison}.yaml --out runs/bench/{claim.comparison}`.", ""]
+        head = "| variant | baseline | " + " | ".join(f"Δ {NAMES[c.metric]} ({c.direction})" for c in claim.checks) + " | verdict |"
+        sections += [head, "|---" * (len(claim.checks) + 3) + "|"]
+        claim_verdicts = []
+        for variant, baseline in pairs:
+            cells, vs = [], []
+            for c in claim.checks:
+                mine = values(rep, variant, c.metric, folder, rounds)
+                if c.metric == "best_client":
+                    d = stats.paired(mine, {s: 0.0 for s in mine})
+                else:
+                    d = stats.paired(mine, values(rep, baseline, c.metric, folder, rounds))
+                vs.append(verdict(d, c.direction))
+                cells.append(f"{fmt(d, 1 if c.metric == 'rounds_to_target' else 4)} n={d.n}: {vs[-1]}")
+            v = combine(vs)
+            claim_verdicts.append(v)
+            sections.append(f"| {variant} | {baseline or 'its best client'} | " + " | ".join(cells) + f" | **{v}** |")
+        sections += ["", "Per variant, mean ± half-width of the 95% interval over seeds:", ""]
+        sections += [line for line in (folder / "comparison.md").read_text().splitlines()[4:] if line.startswith("|")]
+        for name in [claim.plot, *claim.extra_plots]:
+            if (folder / name).exists():
+                target = img / f"{claim.comparison}-{name}"
+                shutil.copyfile(folder / name, target)
+                sections += ["", f"![{claim.comparison} {name}](img/results/{target.name})"]
+        if claim.reading:
+            sections += ["", claim.reading]
+        sections.append("")
+        overall = claim_verdicts[0] if len(set(claim_verdicts)) == 1 else \
+            "mixed: " + ", ".join(f"{claim_verdicts.count(v)} {v}" for v in dict.fromkeys(claim_verdicts))
+        summary_rows.append(f"| {claim.title} | {overall} |")
+        n = len(rep["runs"])
+        secs = sum(r["wall_time_s"] or 0 for r in rep["runs"])
+        total_runs, run_seconds = total_runs + n, run_seconds + secs
+    lines += ["| claim | verdict (per compared pair) |", "|---|---|", *summary_rows, ""]
+    lines += [f"The suite: {total_runs} runs, {run_seconds / 60:.0f} minutes of run time on a 2-core machine without a GPU"
+              + (f" ({sum(elapsed.values()) / 60:.0f} minutes elapsed in the last invocation)." if elapsed else "."), ""]
+    return "\n".join(lines + sections) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/bench", type=Path)
+    parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument("--report", action="store_true", help="only write docs/results.md from finished runs")
+    args = parser.parse_args()
+    elapsed = {} if args.report else run_all(args.out, args.only)
+    (ROOT / "docs" / "results.md").write_text(report(args.out, elapsed), encoding="utf-8")
+    print(f"wrote {ROOT / 'docs' / 'results.md'}" + (f"; {sum(elapsed.values()) / 60:.1f} min" if elapsed else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,9 @@ again). A claim's verdict, per compared pair, from the paired differences over t
 - does not hold: it lies on the other side (for "comparable": outside +-``MARGIN``);
 - inconclusive at this number of seeds: otherwise.
 
+A variant that diverged (its model became non-finite) on any seed does not meet its claim; the
+differences are over the seeds where both runs finished.
+
 A pair's verdict is "holds" when every check holds, "does not hold" when any check does not
 hold, and "inconclusive" otherwise. Nothing is tuned: every method runs with its fedens
 defaults and the comparison's shared training settings (docs/results.md says so per claim).
@@ -201,7 +204,13 @@ def report(out: Path, elapsed: dict[str, float]) -> str:
                 vs.append(verdict(d, c.direction))
                 cells.append(f"{fmt(d, 1 if c.metric == 'rounds_to_target' else 4)} n={d.n}: {vs[-1]}")
             v = combine(vs)
-            claim_verdicts.append(v)
+            broken = {name: sum(1 for r in rep["runs"] if r["variant"] == name and r["status"] != "ok")
+                      for name in (variant, baseline) if name}
+            if broken.get(variant):  # a method that diverges on some seeds does not meet its claim there
+                v = "does not hold"
+            v += "".join(f" ({name} diverged on {k} of {sum(1 for r in rep['runs'] if r['variant'] == name)} seeds)"
+                         for name, k in broken.items() if k)
+            claim_verdicts.append(v.split(" (")[0])
             sections.append(f"| {variant} | {baseline or 'its best client'} | " + " | ".join(cells) + f" | **{v}** |")
         sections += ["", "Per variant, mean ± half-width of the 95% interval over seeds:", ""]
         sections += [line for line in (folder / "comparison.md").read_text().splitlines()[4:] if line.startswith("|")]

@@ -23,6 +23,12 @@ class RunFailed(RuntimeError):
         self.run_dir = run_dir
 
 
+class RunDiverged(RunFailed):
+    """A run stopped because its model became non-finite (status ``failed``, ``failure``
+    ``diverged``): a result of the method and its settings, not a fault of the engine; the
+    finished rounds are kept."""
+
+
 @dataclass(frozen=True)
 class RunResult:
     scenario: Scenario
@@ -108,6 +114,16 @@ def prepare_learner(scn: Scenario, run_dir: Path) -> Scenario:
     return scn.model_copy(update={"learner": learner})
 
 
+class Interrupted(BaseException):
+    """A run stopped by a signal (SIGINT, SIGTERM); ``exit_code`` is 128 + the signal number.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 def run(
     source: str | Path | Mapping[str, Any] | Scenario,
     overrides: Iterable[str] | Mapping[str, Any] = (),
@@ -115,18 +131,51 @@ def run(
     verbose: bool = False,
     on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
     engine: Engine | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run a scenario through the simulation engine (Flower apps on Ray actors) and return its
     results.
 
+    out : the run folder; an existing non-empty one is refused (``ScenarioError``) unless
+        ``overwrite`` (it is emptied first) or the run is continued with ``resume``.
     engine : a started ``fedens.simulate.Engine`` to run in (``Session`` keeps one for many
         runs); without one the run starts its own and stops it at the end. Ray starts at once,
         in the background, while this function validates, builds the data and prepares.
 
-    Raises ``ScenarioError`` for an invalid scenario (before anything starts) and ``RunFailed``
-    when the run itself fails (the folder keeps every finished round).
+    Raises ``ScenarioError`` for an invalid scenario or run folder (before anything starts),
+    ``RunFailed`` when the run itself fails (the folder keeps every finished round, its summary
+    says ``failed`` and why), and ``Interrupted`` / ``KeyboardInterrupt`` when stopped (status
+    ``interrupted``).
     """
     scn = parse_scenario(source, overrides)  # the schema: fast, and most mistakes are found here
+    return _run(scn, engine, verbose, on_round, out=out, overwrite=overwrite)
+
+
+def resume(
+    run_dir: str | Path,
+    verbose: bool = False,
+    on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    engine: Engine | None = None,
+) -> RunResult:
+    """Continue the run in ``run_dir`` from its last checkpoint (``state.pkl``), with the
+    scenario it ran (its ``scenario.yaml``). The rows after the checkpoint are computed again;
+    the result equals the uninterrupted run's rows apart from their ``time_s``."""
+    from fedens.results import run_status
+
+    run_dir = Path(run_dir)
+    status = run_status(run_dir)
+    if status is None:
+        raise ScenarioError(f"--resume {run_dir}: no run there (no summary.json)")
+    if status == "running":
+        raise ScenarioError(f"--resume {run_dir}: a live process is still running it")
+    if status == "ok":
+        raise ScenarioError(f"--resume {run_dir}: the run finished (status ok); nothing to resume")
+    scn = parse_scenario(run_dir / "scenario.yaml")
+    return _run(scn, engine, verbose, on_round, resume_dir=run_dir)
+
+
+def _run(scn: Scenario, engine: Engine | None, verbose: bool, on_round: Any, out: str | Path | None = None,
+         overwrite: bool = False, resume_dir: Path | None = None) -> RunResult:
     own_engine = engine is None
     if engine is None:
         engine = engine_for(scn, verbose).start()  # Ray starts while the driver checks and prepares
@@ -134,26 +183,43 @@ def run(
         raise ScenarioError(f"{scn.source}: engine.ray_num_cpus: {scn.engine.ray_num_cpus}, but the session's "
                             f"engine was started with {engine.ray_num_cpus}")
     try:
+        from fedens import checkpoint
         from fedens.client_app import make_client_app  # torch and Flower: imported while Ray starts
         from fedens.data import build_federated_data
         from fedens.data.federated import _cfg_json
-        from fedens.results import RunRecorder, make_run_dir
+        from fedens.results import RunRecorder, prepare_run_dir, read_metrics
         from fedens.server_app import make_server_app
 
         scn = check_references(scn)
         preflight(scn)
-        run_dir = make_run_dir(scn, out)
-        scn = prepare_learner(scn, run_dir)
-        recorder = RunRecorder(run_dir, scn)
+        state = None
+        if resume_dir is not None:
+            try:
+                state = checkpoint.load(resume_dir)
+            except checkpoint.CheckpointError as err:
+                raise ScenarioError(f"--resume {err}") from None
+            run_dir = resume_dir
+            recorder = RunRecorder(run_dir, scn, resume_rows=read_metrics(run_dir)[: state.rows])
+        else:
+            run_dir = prepare_run_dir(scn, out, overwrite=overwrite)
+            scn = prepare_learner(scn, run_dir)
+            recorder = RunRecorder(run_dir, scn)
         try:
             data = engine.share(("data", _cfg_json(scn.data), scn.seed), lambda: build_federated_data(scn.data, scn.seed))
             resources = {"num_cpus": scn.resources.num_cpus, "num_gpus": scn.resources.num_gpus}
-            engine.run(make_server_app(scn, recorder, on_round), make_client_app(scn, data), scn.data.num_clients, resources)
+            engine.run(make_server_app(scn, recorder, on_round, state), make_client_app(scn, data), scn.data.num_clients,
+                       resources, node_states=state.node_states if state is not None else None)
+        except (KeyboardInterrupt, Interrupted) as err:
+            recorder.finish("interrupted", str(err) or "interrupted (SIGINT)")
+            raise
         except BaseException as err:  # record the failure, keep the finished rounds, re-raise
+            from fedens.grid import Diverged
+
             message = _root_message(err)
-            recorder.finish("failed", message)
+            diverged = isinstance(_root(err), Diverged)
+            recorder.finish("failed", message, failure="diverged" if diverged else "error")
             if isinstance(err, Exception):
-                raise RunFailed(message, run_dir) from err
+                raise (RunDiverged if diverged else RunFailed)(message, run_dir) from err
             raise
         summary = recorder.finish("ok")
     finally:
@@ -192,8 +258,13 @@ class Session:
                              resources=dict(resources) if resources else None)
 
     def run(self, source: str | Path | Mapping[str, Any] | Scenario, overrides: Iterable[str] | Mapping[str, Any] = (),
-            out: str | Path | None = None, on_round: Callable[[int, list[dict[str, Any]]], None] | None = None) -> RunResult:
-        return run(source, overrides, out=out, verbose=self.verbose, on_round=on_round, engine=self.engine.start())
+            out: str | Path | None = None, on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
+            overwrite: bool = False) -> RunResult:
+        return run(source, overrides, out=out, verbose=self.verbose, on_round=on_round, engine=self.engine.start(),
+                   overwrite=overwrite)
+
+    def resume(self, run_dir: str | Path, on_round: Callable[[int, list[dict[str, Any]]], None] | None = None) -> RunResult:
+        return resume(run_dir, verbose=self.verbose, on_round=on_round, engine=self.engine.start())
 
     def close(self) -> None:
         self.engine.close()
@@ -211,8 +282,13 @@ def session(ray_num_cpus: int | None = None, verbose: bool = False, telemetry: b
     return Session(ray_num_cpus=ray_num_cpus, verbose=verbose, telemetry=telemetry)
 
 
-def _root_message(err: BaseException) -> str:
+def _root(err: BaseException) -> BaseException:
     """The innermost cause: the engine wraps the ServerApp's exception in its own."""
     while err.__cause__ is not None:
         err = err.__cause__
-    return f"{type(err).__name__}: {err}"
+    return err
+
+
+def _root_message(err: BaseException) -> str:
+    root = _root(err)
+    return f"{type(root).__name__}: {root}"

@@ -27,9 +27,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedens", description="Uncertainty-aware federated learning on Flower + Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="run a scenario")
-    run.add_argument("scenario", help="scenario YAML file")
-    run.add_argument("--out", help="write the results into exactly this folder")
+    run = sub.add_parser("run", help="run a scenario, or continue one with --resume")
+    run.add_argument("scenario", nargs="?", help="scenario YAML file (not with --resume)")
+    run.add_argument("--out", help="write the results into exactly this folder (refused if it holds files)")
+    run.add_argument("--overwrite", action="store_true", help="empty the --out folder first")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key (dotted path, value parsed as YAML); repeatable")
     run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
@@ -92,25 +94,63 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Any:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread (where the ServerApp runs),
+    so the run ends as ``interrupted`` and Ray is stopped; a second signal exits at once,
+    without a traceback."""
+    import os
+    import signal
+
+    from fedens.api import Interrupted
+
+    def now(signum: int, frame: Any) -> None:
+        os._exit(128 + signum)
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, now)
+        signal.signal(signal.SIGTERM, now)
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, first) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedens.api import RunFailed, run
+    from fedens.api import Interrupted, RunFailed, resume, run
     from fedens.scenario import parse_scenario
 
-    scn = parse_scenario(args.scenario, args.overrides)  # the schema; run() checks the rest while Ray starts
+    if args.resume and (args.scenario or args.out or args.overrides or args.overwrite):
+        raise ScenarioError("--resume RUN_DIR continues a run as it was: give no scenario, --out, --set or --overwrite")
+    if not args.resume and not args.scenario:
+        raise ScenarioError("run: give a scenario file, or --resume RUN_DIR")
+    source = Path(args.resume) / "scenario.yaml" if args.resume else args.scenario
+    scn = parse_scenario(source, args.overrides)  # the schema; run() checks the rest while Ray starts
     progress = None if args.no_progress else _Progress(scn.rounds)
+    on_round = progress.update if progress else None
     try:
-        with progress or contextlib.nullcontext():
-            result = run(scn, out=args.out, verbose=args.verbose, on_round=progress.update if progress else None)
+        with stop_on_signals(), progress or contextlib.nullcontext():
+            if args.resume:
+                result = resume(args.resume, verbose=args.verbose, on_round=on_round)
+            else:
+                result = run(scn, out=args.out, verbose=args.verbose, on_round=on_round, overwrite=args.overwrite)
     except RunFailed as err:
         print(f"error: run failed: {err}\n  see {err.run_dir / 'run.log'}", file=sys.stderr)
         return EXIT_FAILED
+    except Interrupted as err:
+        print(f"interrupted (signal {err.signum}); finished rounds are kept, fedens run --resume continues", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted; finished rounds are kept", file=sys.stderr)
+        print("interrupted; finished rounds are kept, fedens run --resume continues", file=sys.stderr)
         return 130
     test = result.final.get("global-test", {})
-    print(f"{scn.name}: {result.summary['wall_time_s']:.1f}s, final test accuracy {test.get('accuracy', float('nan')):.4f} "
-          f"NLL {test.get('nll', float('nan')):.4f} ECE {test.get('ece', float('nan')):.4f} "
-          f"Brier {test.get('brier', float('nan')):.4f}\nresults: {result.run_dir}")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"{scn.name}: {result.summary['wall_time_s']:.1f}s, final test accuracy {fmt(test.get('accuracy'))} "
+          f"NLL {fmt(test.get('nll'))} ECE {fmt(test.get('ece'))} Brier {fmt(test.get('brier'))}\nresults: {result.run_dir}")
     return EXIT_OK
 
 
@@ -138,14 +178,18 @@ class _Progress:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedens.api import RunFailed
+    from fedens.api import Interrupted, RunFailed
     from fedens.compare import markdown_report, run_comparison
 
     try:
-        report = run_comparison(args.comparison, args.out, args.overrides, args.verbose)
+        with stop_on_signals():
+            report = run_comparison(args.comparison, args.out, args.overrides, args.verbose)
     except RunFailed as err:
         print(f"error: run failed: {err}\n  see {err.run_dir / 'run.log'}", file=sys.stderr)
         return EXIT_FAILED
+    except (Interrupted, KeyboardInterrupt) as err:
+        print("interrupted; finished runs are kept, the same command continues", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     print(markdown_report(report) + f"\nresults: {args.out}")
     return EXIT_OK
 

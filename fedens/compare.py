@@ -40,12 +40,14 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedens.results import strict
 from fedens.scenario import Scenario, ScenarioError, _first_error, _read_yaml, load_scenario
 
 HIGHER_IS_BETTER = {"accuracy", "ood_auroc", "ood_auroc_mi", "member_accuracy"}
@@ -59,6 +61,7 @@ FINAL = [
 RUN_FACTS = ("rounds_to_target", "bytes_per_client_round", "wall_time_s")
 TABLE = ("test_accuracy", "test_nll", "test_ece", "test_brier", "test_ood_auroc", "shift_ece")
 MARKER = "compare.json"  # in each run folder: the scenario it ran, to skip it on a rerun
+DONE = ("ok", "diverged")  # finished runs (``outcome``); a diverged one is a result (counted), not a fault
 
 
 class Target(BaseModel):
@@ -283,7 +286,7 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
     """Run (or resume) every planned run into ``out`` and write the comparison files; returns
     the comparison's statistics (what ``comparison.json`` holds). ``session``: a
     ``fedens.Session`` to run in (default: one of its own, closed at the end)."""
-    from fedens.api import RunFailed, Session
+    from fedens.api import RunDiverged, RunFailed, Session
     from fedens.results import read_metrics
 
     cmp, runs = load_comparison(path, list(extra))
@@ -312,12 +315,15 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
             try:
                 result = session.run(planned.scenario, out=folder,
                                      on_round=lambda r, rows, p=planned, n=i: show.round(n, p, r))
+                rows, summary = result.rows, result.summary
+            except RunDiverged:  # a result of the method: recorded, counted, and the comparison goes on
+                rows, summary = read_metrics(folder), json.loads((folder / "summary.json").read_text())
             except RunFailed:
                 show.clear()
                 raise
             (folder / MARKER).write_text(marker, encoding="utf-8")
-            outcomes.append(RunOutcome(planned, result.rows, result.summary, skipped=False))
-            show.done(i, planned, result.summary, skipped=False)
+            outcomes.append(RunOutcome(planned, rows, summary, skipped=False))
+            show.done(i, planned, summary, skipped=False)
     finally:
         if own and session is not None:
             session.close()
@@ -329,7 +335,7 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
 def _finished(folder: Path, marker: str) -> bool:
     try:
         summary = json.loads((folder / "summary.json").read_text())
-        return summary.get("status") == "ok" and (folder / MARKER).read_text(encoding="utf-8") == marker
+        return outcome(summary) in DONE and (folder / MARKER).read_text(encoding="utf-8") == marker
     except (OSError, ValueError):
         return False
 
@@ -357,6 +363,8 @@ class _Progress:
         if not skipped:
             self.rounds_done += p.scenario.rounds
         what = "done earlier" if skipped else f"{summary.get('wall_time_s', 0):.1f}s"
+        if outcome(summary) != "ok":
+            what += f", {outcome(summary)}: {summary.get('error')}"
         acc = (summary.get("final", {}).get("global-test") or {}).get("accuracy")
         text = f"run {i}/{self.total} {p.variant.name} seed {p.seed}: {what}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
         if self.live:
@@ -384,14 +392,22 @@ class _Progress:
 # --------------------------------------------------------------------------- statistics
 
 
+def outcome(summary: dict[str, Any]) -> str:
+    """A run's status, with ``diverged`` for a run that failed because its model became
+    non-finite (``summary.json``: status ``failed``, failure ``diverged``)."""
+    status = str(summary.get("status"))
+    return "diverged" if status == "failed" and summary.get("failure") == "diverged" else status
+
+
 def run_row(o: RunOutcome, target_level: float | None, target: Target | None) -> dict[str, Any]:
     """One line of runs.csv: the run's final metrics per scope and its facts."""
     final = o.summary.get("final", {})
-    row: dict[str, Any] = {"variant": o.planned.variant.name, "seed": o.planned.seed, "status": o.summary.get("status")}
+    row: dict[str, Any] = {"variant": o.planned.variant.name, "seed": o.planned.seed, "status": outcome(o.summary)}
+    ok = row["status"] == "ok"  # a diverged run has no final model: its metrics stay empty
     for column, scope, metric in FINAL:
-        row[column] = (final.get(scope) or {}).get(metric)
+        row[column] = (final.get(scope) or {}).get(metric) if ok else None
     train = [r for r in o.rows if r["scope"] == "train"]
-    row["rounds_to_target"] = (None if target is None or target_level is None
+    row["rounds_to_target"] = (None if target is None or target_level is None or not ok
                                else rounds_to([r for r in o.rows if r["scope"] == "global-test"], target.metric, target_level))
     row["bytes_per_client_round"] = sum(node_bytes(r) for r in train) / max(len(train), 1)
     row["wall_time_s"] = o.summary.get("wall_time_s")
@@ -425,6 +441,7 @@ def analyse(cmp: Comparison, outcomes: list[RunOutcome]) -> dict[str, Any]:
     for v in variants:
         mine = [r for r in rows if r["variant"] == v.name]
         table[v.name] = {"named": v.named, "grid_point": v.point, "seeds": sorted(r["seed"] for r in mine),
+                         "statuses": dict(sorted(Counter(r["status"] for r in mine).items())),
                          "target_level": levels[v.name],
                          **{c: stats.summary([r[c] for r in mine]).as_dict() for c in columns}}
     versus: dict[str, dict[str, Any]] = {}
@@ -462,6 +479,14 @@ def fmt_interval(s: dict[str, Any], digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} ± {half:.{digits}f}"
 
 
+def runs_cell(row: dict[str, Any]) -> str:
+    """``5``, or ``3 (2 diverged)`` when not every run finished ok."""
+    statuses = row.get("statuses") or {}
+    ok = statuses.get("ok", len(row["seeds"]) if not statuses else 0)
+    rest = ", ".join(f"{n} {status}" for status, n in statuses.items() if status != "ok")
+    return f"{ok} ({rest})" if rest else str(ok)
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """The comparison as Markdown: per variant mean ± 95% half-interval over seeds; then each
     variant against the reference: the paired mean difference ± its half-interval, and p."""
@@ -484,7 +509,10 @@ def markdown_report(report: dict[str, Any]) -> str:
                 cells.append(fmt_interval(s, 1))
             else:
                 cells.append(fmt_interval(s))
-        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {runs_cell(row)} | " + " | ".join(cells) + " |")
+    if any(set(row.get("statuses", {})) - {"ok"} for row in report["variants"].values()):
+        lines += ["", "n: the runs that finished; a run that diverged (its model became non-finite) has no "
+                  "final metrics and is left out of the means, so read those means with its count."]
     if report.get("target"):
         lines += ["", f"Target: {report['target']} (first evaluated round that reaches it; runs that never do are left out)."]
     if report["versus_reference"]:
@@ -516,7 +544,8 @@ def write_outputs(cmp: Comparison, outcomes: list[RunOutcome], report: dict[str,
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    (out / "comparison.json").write_text(json.dumps(report, indent=2, allow_nan=False, default=_json_default), encoding="utf-8")
+    (out / "comparison.json").write_text(json.dumps(strict(report), indent=2, allow_nan=False, default=_json_default),
+                                         encoding="utf-8")
     (out / "comparison.md").write_text(markdown_report(report), encoding="utf-8")
     curves: dict[str, list[list[dict[str, Any]]]] = {}
     reliability: dict[str, list[dict[str, Any]]] = {}

@@ -18,21 +18,30 @@ strategy having to know:
 
 from __future__ import annotations
 
+import logging
 import random
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from fedens.payload import ROUND_KEY, record_nbytes, records_of
+from fedens.payload import ROUND_KEY, NpyArray, record_nbytes, records_of
 from fedens.seeding import derive_seed
+
+log = logging.getLogger("fedens")
 
 
 class AllClientsFailed(RuntimeError):
     """Every reply of a training round was an error; the run cannot go on."""
+
+
+class Diverged(RuntimeError):
+    """The global model (or every node's) has non-finite values: the run cannot go on."""
 
 
 @dataclass
@@ -44,14 +53,18 @@ class RoundTraffic:
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    stragglers: int = 0  # messages without a reply by the round's deadline
+    rejected: int = 0  # replies with non-finite arrays, not handed to the strategy
+    notes: list[str] = field(default_factory=list)  # why replies were rejected (for run.log)
     per_client: dict[int, list[int]] = field(default_factory=dict)  # partition -> [bytes down, bytes up]
 
 
 class FedensGrid(Grid):
-    def __init__(self, inner: Grid, seed: int, evaluate_rounds: set[int]) -> None:
+    def __init__(self, inner: Grid, seed: int, evaluate_rounds: set[int], timeout: float | None = None) -> None:
         self.inner = inner
         self.seed = seed
         self.evaluate_rounds = evaluate_rounds
+        self.timeout = 3600.0 if timeout is None else float(timeout)  # per message round (Flower's default)
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.round = 0
         self.traffic = RoundTraffic()
@@ -84,7 +97,16 @@ class FedensGrid(Grid):
         out = self._outgoing(messages)
         if not out:
             return []
-        return self._incoming(self.inner.send_and_receive(out, timeout=timeout))
+        replies = list(self.inner.send_and_receive(out, timeout=timeout))
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        self.traffic.stragglers += sum(1 for m in out if m.metadata.message_id not in answered)
+        return self._incoming(replies)
+
+    def node_states(self) -> dict[int, RecordDict]:
+        """Every node's ``context.state`` by partition id, where the engine's grid can give them
+        (for checkpoints); empty elsewhere."""
+        get = getattr(self.inner, "node_states", None)
+        return get() if get is not None else {}
 
     # ---------------------------------------------------------------- fedens additions
     def discover(self, num_nodes: int, timeout: float = 600.0) -> dict[int, int]:
@@ -135,21 +157,58 @@ class FedensGrid(Grid):
         return self.traffic.per_client.setdefault(self.partition_of.get(node_id, -1), [0, 0])
 
     def _incoming(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies in partition-id order, counted; error replies are kept (strategies drop
+        them, as Flower's do), replies with non-finite arrays are rejected here."""
         replies = sorted(replies, key=lambda m: (self.partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
-        failed: list[str] = []
+        kept: list[Message] = []
+        usable = rejected = 0
+        reasons: list[str] = []  # this call's
         for msg in replies:
             pid = self.partition_of.get(msg.metadata.src_node_id, -1)
             kind = msg.metadata.message_type.split(".")[0]
             if msg.has_error():
-                failed.append(f"{kind} partition {pid}: {msg.error.reason}")
+                reasons.append(f"{kind} partition {pid}: {msg.error.reason}")
+                self.traffic.failures.append(reasons[-1])
+                kept.append(msg)
                 continue
             nbytes = record_nbytes(msg.content)
             self.traffic.bytes_received += nbytes
             self._client(msg.metadata.src_node_id)[1] += nbytes
+            if not finite(msg.content):  # one NaN or infinity would poison the aggregate
+                self.traffic.rejected += 1
+                rejected += 1
+                reasons.append(f"{kind} partition {pid}: rejected, its arrays have non-finite values")
+                self.traffic.notes.append(reasons[-1])
+                continue
             if kind in ("train", "evaluate"):
                 metrics = {k: v for rec in records_of(msg.content, MetricRecord).values() for k, v in rec.items()}
                 getattr(self.traffic, kind)[pid] = metrics
-        self.traffic.failures += failed
-        if replies and len(failed) == len(replies) and all(m.metadata.message_type.startswith("train") for m in replies):
-            raise AllClientsFailed(f"round {self.round}: every client failed; first error: {failed[0]}")
-        return replies
+            kept.append(msg)
+            usable += 1
+        if replies and not usable and all(m.metadata.message_type.startswith("train") for m in replies):
+            if rejected == len(replies):  # every client's model blew up: the method diverged
+                raise Diverged(f"diverged at round {self.round}: every client's update has non-finite values")
+            raise AllClientsFailed(f"round {self.round}: every client failed; first error: {reasons[0]}")
+        return kept
+
+
+def finite(content: RecordDict) -> bool:
+    """Whether every floating-point array in a message's ArrayRecords is finite."""
+    for record in records_of(content, ArrayRecord).values():
+        for array in record.values():
+            a = NpyArray.numpy(array)
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                return False
+    return True
+
+
+def report_failures(server_round: int, traffic: RoundTraffic) -> None:
+    """At most one line per round on stderr for clients that failed, straggled or were
+    rejected; every reason is in ``run.log``."""
+    for reason in traffic.failures + traffic.notes:
+        log.info("round %d: %s", server_round, reason)
+    counts = [(len(traffic.failures), "failed"), (traffic.stragglers, "missed the deadline"),
+              (traffic.rejected, "sent non-finite arrays (rejected)")]
+    said = [f"{n} {what}" for n, what in counts if n]
+    if said:
+        print(f"round {server_round}: clients: " + ", ".join(said) + " (see run.log)", file=sys.stderr, flush=True)

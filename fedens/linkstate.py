@@ -36,6 +36,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, RecordDict
@@ -179,15 +180,21 @@ class EngineGrid(InMemoryGrid):
     instead of sleeping, lists the simulated nodes without scanning the LinkState (they never
     leave), and knows each node's partition id (``partition_of``)."""
 
-    def __init__(self, factory: LinkStateFactory, partition_of: dict[int, int], workers: int) -> None:
+    def __init__(self, factory: LinkStateFactory, partition_of: dict[int, int], workers: int,
+                 node_states: Callable[[], dict[int, RecordDict]] | None = None) -> None:
         super().__init__(state_factory=factory)
         self.workers = workers
+        self._node_states = node_states
         self.link: _LinkState = factory.state()  # type: ignore[assignment]
         self.partition_of = partition_of
         self._node_ids = list(partition_of)
 
     def get_node_ids(self) -> list[int]:
         return list(self._node_ids)
+
+    def node_states(self) -> dict[int, RecordDict]:
+        """Every node's ``context.state`` by partition id (a checkpoint's client state)."""
+        return self._node_states() if self._node_states is not None else {}
 
     def push_messages(self, messages: Any) -> list[str]:
         # Hold the actors back until all of them are stored, so that they split the whole
@@ -224,13 +231,19 @@ class SimulatedRun:
     """One run: a fresh LinkState with ``num_nodes`` registered nodes, one thread per actor
     that executes queued messages, and the ServerApp in the calling thread."""
 
-    def __init__(self, num_nodes: int, pool: _ActorPool, app: _Shared) -> None:
+    def __init__(self, num_nodes: int, pool: _ActorPool, app: _Shared,
+                 node_states: dict[int, RecordDict] | None = None) -> None:
         self.pool, self.app = pool, app
         self.key = uuid.uuid4().int
         self.state = _LinkState()
         self.run = self._register_run()
         self.partition_of = self._register_nodes(num_nodes)
         self.contexts: dict[int, Context] = {}  # made when a node gets its first message
+        node_of = {pid: node for node, pid in self.partition_of.items()}
+        for pid, state in (node_states or {}).items():  # a resumed run: the nodes' persistent state
+            ctx = self.context(node_of[pid])
+            ctx.state = state
+            self.contexts[node_of[pid]] = ctx
 
     def _register_run(self) -> Run:
         """The run and its primary task in the LinkState, and the task identity every Message
@@ -259,19 +272,32 @@ class SimulatedRun:
             ctx = Context(run_id=self.run.run_id, node_id=node_id, node_config=config, state=RecordDict(), run_config={})
         return ctx
 
+    def node_states(self) -> dict[int, RecordDict]:
+        """Partition id -> the node's ``context.state``, for the nodes that have one; deep
+        copies (Flower's records copy on pickling), so a checkpoint is a snapshot."""
+        import copy
+
+        return {self.partition_of[n]: copy.deepcopy(c.state) for n, c in self.contexts.items() if len(c.state)}
+
     def execute(self, server_app: ServerApp) -> Context:
         factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
         factory.state_instance = self.state
-        grid = EngineGrid(factory, self.partition_of, len(self.pool.actors))
+        grid = EngineGrid(factory, self.partition_of, len(self.pool.actors), self.node_states)
         grid.set_run(self.run)
         dispatcher = threading.Thread(target=self._dispatch, name="fedens-dispatch", daemon=True)
         dispatcher.start()
         context = Context(run_id=self.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
         try:
-            return run_serverapp(grid=grid, context=context, server_app_dir="", loaded_server_app=server_app)
-        finally:
+            result = run_serverapp(grid=grid, context=context, server_app_dir="", loaded_server_app=server_app)
+        except BaseException:
+            # failed or interrupted: do not wait for calls still running (a large client can
+            # take minutes); the dispatcher, a daemon, ends when they return or Ray stops
             self.state.close()
-            dispatcher.join()
+            dispatcher.join(timeout=2.0)
+            raise
+        self.state.close()
+        dispatcher.join()
+        return result
 
     def _dispatch(self) -> None:
         """Hand the queued messages to the actors and store their replies, in one thread.
@@ -317,9 +343,10 @@ class SimulatedRun:
 
         try:
             results = ray.get(future)
-        except ray.exceptions.RayActorError as err:  # the actor died: replace it
+        except ray.exceptions.RayActorError as err:  # the actor died: replace it (unless the run is over)
             results = [(None, None, (f"actor died: {type(err).__name__}", str(err)), 0.0)] * len(batch)
-            self.pool.actors[slot] = self.pool.new_actor()
+            if not self.state.closed:
+                self.pool.actors[slot] = self.pool.new_actor()
         except Exception as err:  # e.g. a message that cannot be serialised
             results = [(None, None, (f"{type(err).__name__}: {err}", "".join(traceback.format_exception(err))), 0.0)] * len(batch)
         for message, (reply, context, failure, seconds) in zip(batch, results):

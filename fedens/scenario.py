@@ -10,7 +10,6 @@ All defaults live in the field declarations below; this file is the reference fo
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -27,13 +26,13 @@ class ScenarioError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _Open(BaseModel):
     """A config whose extra keys are the options of the registered kind it names."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -146,11 +145,43 @@ class EngineConfig(_Strict):
 
 class OutputConfig(_Strict):
     dir: str = "runs"
-    checkpoint: bool = Field(True, description="save the global model after every evaluation")
+    checkpoint: bool = Field(True, description="save the global model after every evaluation (checkpoint.npz)")
+    checkpoint_every: int = Field(
+        1, ge=0, le=1_000_000, description="write the resume checkpoint (state.pkl) every N rounds; 0: never"
+    )
     tensorboard: bool = Field(
         False, description="also write every scope's metrics per round and the final plots as TensorBoard events "
         "(run folder/tensorboard; pip install fedens[tensorboard])"
     )
+
+
+class ByzantineConfig(_Strict):
+    """Clients that misbehave in every round they take part in: a seeded ``fraction`` of them.
+
+    scale: send ``global + scale * (trained - global)``; sign_flip: ``global - (trained -
+    global)``; gaussian: ``trained + scale * N(0, 1)`` per element; label_flip: train on labels
+    ``C - 1 - y`` (data poisoning, ``scale`` unused)."""
+
+    fraction: float = Field(0.0, ge=0, le=1)
+    kind: Literal["scale", "sign_flip", "gaussian", "label_flip"] = "scale"
+    scale: float = Field(10.0, ge=0, le=1e12)
+
+
+class FaultsConfig(_Strict):
+    """Injected faults, drawn per (seed, round, client) so a run is repeatable. A crash is an
+    exception in the client (an error reply); a straggler replies ``straggler_delay_s`` late
+    (dropped when it misses ``round_timeout_s``); a NaN client replies with NaN arrays (rejected
+    before aggregation)."""
+
+    crash_prob: float = Field(0.0, ge=0, le=1)
+    straggler_prob: float = Field(0.0, ge=0, le=1)
+    straggler_delay_s: float = Field(5.0, ge=0, le=3600)
+    nan_prob: float = Field(0.0, ge=0, le=1)
+    byzantine: ByzantineConfig = Field(default_factory=ByzantineConfig)
+
+    @property
+    def active(self) -> bool:
+        return any((self.crash_prob, self.straggler_prob, self.nan_prob, self.byzantine.fraction))
 
 
 class GossipConfig(_Strict):
@@ -187,6 +218,10 @@ class Scenario(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    round_timeout_s: float | None = Field(
+        None, gt=0, le=86400, description="replies later than this (per message round) are dropped as stragglers"
+    )
     # decentralized mode only (``mode: decentralized``)
     topology: TopologyConfig = Field(default_factory=RingTopology)
     gossip: GossipConfig = Field(default_factory=GossipConfig)

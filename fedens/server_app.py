@@ -17,10 +17,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
+from fedens.checkpoint import ResumeState, restore_rng, rng_states
+from fedens.checkpoint import save as save_checkpoint
 from fedens.data import ServerData, load_server_data
 from fedens.decentralized.engine import run_gossip
-from fedens.grid import FedensGrid, RoundTraffic
+from fedens.grid import Diverged, FedensGrid, RoundTraffic, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics, ood_auroc, reliability_bins, uncertainty_scores
@@ -57,23 +60,26 @@ def evaluate_fraction(scn: Scenario) -> float:
     return min(scn.fraction_evaluate, (cap + 0.5) / n)
 
 
-def make_server_app(scn: Scenario, recorder: RunRecorder, on_round: RoundCallback | None = None) -> ServerApp:
+def make_server_app(scn: Scenario, recorder: RunRecorder, on_round: RoundCallback | None = None,
+                    resume: ResumeState | None = None) -> ServerApp:
+    """The ServerApp of ``scn``; ``resume`` continues a run from its checkpoint."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        (run_gossip if scn.mode == "decentralized" else run_strategy)(scn, grid, recorder, on_round)
+        (run_gossip if scn.mode == "decentralized" else run_strategy)(scn, grid, recorder, on_round, resume)
 
     return app
 
 
-def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: RoundCallback | None = None) -> None:
-    """Discover the nodes, build the strategy and the initial model, and run all rounds."""
+def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: RoundCallback | None = None,
+                 resume: ResumeState | None = None) -> None:
+    """Build (or restore) the strategy and the global model, and run the rounds."""
     server_data = load_server_data(scn.data, scn.seed)
     torch.manual_seed(derive_seed(scn.seed, 0))  # the initial global model
     learner = build_learner(scn, server_data.input_shape, server_data.num_classes, torch.device("cpu"))
 
-    fgrid = FedensGrid(grid, scn.seed, evaluation_rounds(scn))
+    fgrid = FedensGrid(grid, scn.seed, evaluation_rounds(scn), scn.round_timeout_s)
     fgrid.discover(scn.data.num_clients)
     has_val = scn.data.val_fraction > 0
     defaults = {
@@ -83,7 +89,13 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
         "min_evaluate_nodes": 1 if has_val and scn.fraction_evaluate > 0 else 0,
         "min_available_nodes": scn.data.num_clients,
     }
-    strategy = build_strategy(resolve_strategy(scn.strategy.name, scn.base_dir), defaults, scn.strategy.params)
+    if resume is not None:
+        strategy, arrays, first = resume.strategy, to_record(resume.arrays), resume.round + 1
+        restore_rng(resume.rng)
+        recorder.reliability = resume.reliability
+    else:
+        strategy = build_strategy(resolve_strategy(scn.strategy.name, scn.base_dir), defaults, scn.strategy.params)
+        arrays, first = to_record(learner.get_arrays()), 1
     if hasattr(strategy, "bind"):  # fedens strategies that compute on the server
         from strategies.base import ServerContext
 
@@ -92,19 +104,38 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
 
         strategy.bind(ServerContext(scn, server_data, new_learner, scn.seed))
     evaluator = RoundEvaluator(scn, learner, server_data, fgrid, recorder, on_round, strategy)
-    strategy.start(
-        grid=fgrid,
-        initial_arrays=to_record(learner.get_arrays()),
-        num_rounds=scn.rounds,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluator,
-    )
+    if type(strategy).start is not Strategy.start:  # a strategy with its own loop runs it (no resume)
+        strategy.start(grid=fgrid, initial_arrays=arrays, num_rounds=scn.rounds, train_config=ConfigRecord(),
+                       evaluate_config=ConfigRecord(), evaluate_fn=evaluator)
+        return
+    run_rounds(strategy, fgrid, arrays, first, scn.rounds, evaluator)
+
+
+def run_rounds(strategy: Strategy, grid: FedensGrid, arrays: ArrayRecord, first: int, num_rounds: int,
+               evaluate_fn: RoundEvaluator) -> None:
+    """Flower's ``Strategy.start`` loop (configure, send, aggregate; train then evaluate; the
+    central evaluation after each round), from round ``first`` so that a run can resume. The
+    same calls in the same order as ``Strategy.start``, without its console log and history."""
+    train_config, evaluate_config = ConfigRecord(), ConfigRecord()
+    if first == 1:
+        evaluate_fn(0, arrays)
+    else:
+        grid.begin_round(first)
+    for current in range(first, num_rounds + 1):
+        replies = grid.send_and_receive(strategy.configure_train(current, arrays, train_config, grid), timeout=grid.timeout)
+        new_arrays, _ = strategy.aggregate_train(current, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        replies = grid.send_and_receive(strategy.configure_evaluate(current, arrays, evaluate_config, grid),
+                                        timeout=grid.timeout)
+        strategy.aggregate_evaluate(current, replies)
+        evaluate_fn(current, arrays, strategy)
 
 
 class RoundEvaluator:
-    """``evaluate_fn`` for ``Strategy.start``: called with round 0 before training and after
-    every round; evaluates the global model when scheduled and writes the round's rows."""
+    """``evaluate_fn`` for the round loop: called with round 0 before training and after every
+    round; checks that the global model is finite, evaluates it when scheduled, writes the
+    round's rows and, every ``output.checkpoint_every`` rounds, the checkpoint."""
 
     def __init__(
         self,
@@ -120,10 +151,12 @@ class RoundEvaluator:
         self.recorder, self.on_round, self.strategy = recorder, on_round, strategy
         self.rounds = evaluation_rounds(scn)
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def __call__(self, server_round: int, arrays: ArrayRecord, strategy: object | None = None) -> MetricRecord | None:
         traffic = self.grid.take_traffic()
         now = round(time.time() - self.recorder.started, 3)
         rows: list[dict[str, Any]] = []
+        named = from_record(arrays)
+        bad = [k for k, a in named.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
         if server_round > 0:
             # a fedens strategy's own facts of the round (e.g. consensus steps) join the train row
             extra = getattr(self.strategy, "server_metrics", None) or {}
@@ -132,19 +165,32 @@ class RoundEvaluator:
                 self.strategy.server_metrics = {}
             if traffic.evaluate:
                 rows.append({"round": server_round, "scope": "clients", "time_s": now, **clients_row(traffic)})
+            report_failures(server_round, traffic)
+        if bad:  # never evaluate, report or continue with a model that is not numbers
+            self.recorder.write_rows(rows)
+            raise Diverged(f"diverged at round {server_round}: the global model has non-finite values in "
+                           f"{len(bad)} tensors (e.g. {bad[0]})")
         result = None
         if server_round in self.rounds:
-            named = from_record(arrays)
             self.learner.set_arrays(named)
-            test = self.evaluate_set("global-test", server_round, now, final=server_round == self.scn.rounds)
-            rows += [test, self.evaluate_set("global-shift", server_round, now)]
+            try:
+                test = self.evaluate_set("global-test", server_round, now, final=server_round == self.scn.rounds)
+                rows += [test, self.evaluate_set("global-shift", server_round, now)]
+            except Diverged:
+                self.recorder.write_rows(rows)  # the round's training facts are kept
+                raise
             if self.scn.output.checkpoint:
                 self.recorder.save_checkpoint(named, server_round)
-            result = MetricRecord({k: test[k] for k in METRIC_KEYS})
+            result = MetricRecord({k: test[k] for k in METRIC_KEYS if test.get(k) is not None})
         self.recorder.write_rows(rows)
         log.info("round %d: %s", server_round, rows)
         if self.on_round is not None:
             self.on_round(server_round, rows)
+        every = self.scn.output.checkpoint_every
+        if server_round > 0 and every and server_round % every == 0 and server_round < self.scn.rounds:
+            save_checkpoint(self.recorder.dir, ResumeState(
+                round=server_round, rows=len(self.recorder.rows), arrays=named, strategy=strategy,
+                node_states=self.grid.node_states(), rng=rng_states(), reliability=self.recorder.reliability))
         self.grid.begin_round(server_round + 1)
         return result
 
@@ -155,6 +201,9 @@ class RoundEvaluator:
         # Predictions may sample (MC dropout, posterior samples, roundings): seed them per round.
         torch.manual_seed(derive_seed(self.scn.seed, server_round, 2**32 + (scope == "global-shift")))
         member_probs = predict_dataset(self.learner, ds, self.scn.evaluate.batch_size)  # (members, n, classes)
+        if not torch.isfinite(member_probs).all():  # finite weights, yet e.g. a posterior sample overflowed
+            raise Diverged(f"diverged at round {server_round}: the global model's predictions on the "
+                           f"{scope.split('-')[1]} set have non-finite values")
         probs, labels = member_probs.mean(0), torch.from_numpy(ds.y)
         metrics = classification_metrics(probs, labels, self.scn.evaluate.n_bins)
         metrics.update(ensemble_metrics(member_probs, labels))
@@ -180,7 +229,9 @@ def train_row(traffic: RoundTraffic) -> dict[str, Any]:
     return {
         "train_loss": float(np.dot(n, loss) / total) if total > 0 else None,
         "clients_trained": len(replies),
-        "failures": len(traffic.failures),
+        "failures": len(traffic.failures),  # error replies (a client raised, crashed or its actor died)
+        "stragglers": traffic.stragglers,  # no reply before round_timeout_s
+        "rejected": traffic.rejected,  # replies with non-finite arrays, left out of the aggregate
         "bytes_sent": traffic.bytes_sent,
         "bytes_received": traffic.bytes_received,
         # per client that took part in the round: mean bytes it received from / sent to the server

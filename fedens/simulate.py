@@ -210,10 +210,11 @@ class Engine:
 
     # ------------------------------------------------------------------ one run
     def run(self, server_app: ServerApp, client_app: ClientApp, num_nodes: int,
-            resources: Resources | None = None) -> Context:
+            resources: Resources | None = None, node_states: dict[int, Any] | None = None) -> Context:
         """Run ``server_app`` in this thread against ``num_nodes`` simulated nodes that execute
         ``client_app`` on the actor pool; returns the ServerApp's context. Node i simulates
-        partition i (``context.node_config["partition-id"]``)."""
+        partition i (``context.node_config["partition-id"]``); ``node_states`` (partition id ->
+        ``context.state``) starts nodes with the state they had when a run was checkpointed."""
         import ray
 
         self.wait()
@@ -226,7 +227,7 @@ class Engine:
 
         app = _Shared(ray.put(client_app))
         try:
-            return SimulatedRun(num_nodes, self._pool, app).execute(server_app)
+            return SimulatedRun(num_nodes, self._pool, app, node_states).execute(server_app)
         finally:
             self.runs += 1
 

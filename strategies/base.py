@@ -60,6 +60,19 @@ class FedensStrategy(FedAvg):
         # round's ``train`` row of metrics.jsonl; numbers or lists of numbers.
         self.server_metrics: dict[str, Any] = {}
 
+    # What ``bind`` and the round give a strategy again after a checkpoint is loaded: not pickled.
+    transient: ClassVar[tuple[str, ...]] = ("ctx", "grid", "_learner")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The strategy's own state for a checkpoint, without what ``bind`` gives back (the
+        scenario, the server's data, a learner factory) and the grid of the run."""
+        return {k: v for k, v in self.__dict__.items() if k not in self.transient}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for key in self.transient:
+            self.__dict__.setdefault(key, None)
+
     # ------------------------------------------------------------------ hooks for subclasses
     @classmethod
     def check_scenario(cls, scn: Any) -> str | None:

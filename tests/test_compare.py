@@ -155,3 +155,32 @@ def test_a_run_counts_as_finished_only_when_ok_and_unchanged(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"status": "failed"}))
     assert not _finished(tmp_path, "scenario A")
     assert not _finished(tmp_path / "missing", "scenario A")
+
+
+def test_a_diverged_run_is_counted_not_averaged_and_the_report_stays_strict_json(write_yaml, tmp_path):
+    write_yaml("rounds: 1\n", "base.yaml")
+    path = write_yaml("base: base.yaml\nseeds: 3\nreference: a\nvariants: {a: {}, b: {}}\n", "cmp.yaml")
+    cmp, runs = load_comparison(path)
+    outs = [outcome(runs, v, s, 0.8 + 0.01 * s, 0.1) for v in "ab" for s in range(3)]
+    broken = outs[5]  # b, seed 2: diverged after an evaluation with NaN metrics
+    broken.summary.update(status="failed", failure="diverged", final={"global-test": {"accuracy": 0.1, "ece": float("nan")}})
+    report = analyse(cmp, outs)
+    b = report["variants"]["b"]
+    assert b["statuses"] == {"diverged": 1, "ok": 2}
+    assert b["test_accuracy"]["n"] == 2 and b["test_accuracy"]["mean"] == pytest.approx(0.805)  # not 0.1
+    assert report["runs"][5]["test_accuracy"] is None and report["runs"][5]["status"] == "diverged"
+    assert report["versus_reference"]["b"]["test_accuracy"]["seeds"] == [0, 1]
+    assert "| b | 2 (1 diverged) |" in markdown_report(report)
+    from fedens.compare import write_outputs
+
+    report["runs"][4]["test_nll"] = float("nan")  # a NaN anywhere: null in the JSON, never an error
+    write_outputs(cmp, outs, report, tmp_path)
+    assert json.loads((tmp_path / "comparison.json").read_text())["runs"][4]["test_nll"] is None
+
+
+def test_a_diverged_run_counts_as_finished(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "failed", "failure": "diverged"}))
+    (tmp_path / "compare.json").write_text("scenario A")
+    assert _finished(tmp_path, "scenario A")  # a result: the same scenario would diverge again
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "failed", "failure": "error"}))
+    assert not _finished(tmp_path, "scenario A")

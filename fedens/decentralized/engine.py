@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -63,12 +64,14 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedens.checkpoint import ResumeState, restore_rng, rng_states
+from fedens.checkpoint import save as save_checkpoint
 from fedens.data import ArrayDataset, ServerData, load_server_data
 from fedens.decentralized.mailbox import Asynchrony, Mailbox
 from fedens.decentralized.node import INIT_KEY, RECV_PREFIX, SCORES_KEY, SIZES_KEY, pack_scores, sizes_record
 from fedens.decentralized.rules import Swarm, consensus_distance, layer_variance, make_rule
 from fedens.decentralized.topology import build_graph, neighbours, num_edges, plot_topology
-from fedens.grid import FedensGrid
+from fedens.grid import Diverged, FedensGrid, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
 from fedens.metrics import classification_metrics, reliability_bins
@@ -82,7 +85,6 @@ log = logging.getLogger("fedens")
 Arrays = dict[str, np.ndarray]
 RoundCallback = Callable[[int, list[dict[str, Any]]], None]
 METRIC_KEYS = ("accuracy", "nll", "ece", "brier")
-TIMEOUT = 3600.0
 _INIT_TAG, _MAILBOX_TAG, _EVAL_TAG = 3, 4, 2**32
 
 
@@ -161,7 +163,7 @@ def collect_scores(fgrid: FedensGrid, node_of: dict[int, int], inbox: dict[int, 
         for v, box in inbox.items() if box
     ]
     scores: dict[int, dict[int, list[tuple[float, float]]]] = {}
-    for reply in fgrid.send_and_receive(messages, timeout=TIMEOUT):
+    for reply in fgrid.send_and_receive(messages, timeout=fgrid.timeout):
         if reply.has_error():
             continue
         v = fgrid.partition_of[reply.metadata.src_node_id]
@@ -228,25 +230,45 @@ def save_topology(path: Any, adj: np.ndarray, values: list[float] | None, title:
     plots.save(fig, path)
 
 
-def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: RoundCallback | None = None) -> None:
-    """Run ``scn.rounds`` gossip rounds over the simulated nodes (module docstring)."""
+@dataclass
+class RouterState:
+    """What the router carries from round to round (and a checkpoint holds): the mailbox with
+    the messages still in flight, the server's copies of every node's latest model, the initial
+    models not delivered yet, and each node's last own-validation metrics."""
+
+    mailbox: Mailbox
+    latest: list[Arrays]
+    init_records: dict[int, ArrayRecord]
+    val: dict[int, dict[str, float]]
+
+
+def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: RoundCallback | None = None,
+               resume: ResumeState | None = None) -> None:
+    """Run ``scn.rounds`` gossip rounds over the simulated nodes (module docstring); ``resume``
+    continues from a checkpoint."""
     data = load_server_data(scn.data, scn.seed)
     n = scn.data.num_clients
     meter = GossipMeter(scn, data, recorder, on_round)
-    fgrid = FedensGrid(grid, scn.seed, meter.rounds)
+    fgrid = FedensGrid(grid, scn.seed, meter.rounds, scn.round_timeout_s)
     node_of = {pid: node for node, pid in fgrid.discover(n).items()}
     swarm = isinstance(make_rule(scn.gossip.rule, scn.gossip.params), Swarm)
-    mailbox = make_mailbox(scn)
-
-    latest = initial_models(scn, data)  # the server's copies, for measurement only
-    init_records: dict[int, ArrayRecord] = {pid: to_record(m) for pid, m in enumerate(latest)}
-    val: dict[int, dict[str, float]] = {}
     adj0 = build_graph(scn.topology, n, scn.seed, 0)
     title = f"{scn.topology.kind}, {n} nodes, {num_edges(adj0)} edges" + (" (round 0; resampled every round)" if scn.topology.resample else "")
-    save_topology(recorder.dir / "topology.png", adj0, None, title)
 
-    meter.write(0, meter.evaluation_rows(0, latest, val) + [gossip_row(0, meter.now(), latest, adj0, 0, mailbox, [])])
-    for r in range(1, scn.rounds + 1):
+    if resume is not None:
+        router: RouterState = resume.gossip
+        first = resume.round + 1
+        restore_rng(resume.rng)
+        recorder.reliability = resume.reliability
+    else:
+        latest = initial_models(scn, data)  # the server's copies, for measurement only
+        router = RouterState(make_mailbox(scn), latest, {pid: to_record(m) for pid, m in enumerate(latest)}, {})
+        first = 1
+        save_topology(recorder.dir / "topology.png", adj0, None, title)
+        meter.write(0, meter.evaluation_rows(0, router.latest, router.val)
+                    + [gossip_row(0, meter.now(), router.latest, adj0, 0, router.mailbox, [])])
+    mailbox, latest, init_records, val = router.mailbox, router.latest, router.init_records, router.val
+    for r in range(first, scn.rounds + 1):
         fgrid.begin_round(r)
         adj = build_graph(scn.topology, n, scn.seed, r)
         nbrs = neighbours(adj)
@@ -269,12 +291,12 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
                 content[SCORES_KEY] = pack_scores(
                     {v: {c: s for c, s in scores[v].items() if c in closed} for v in sorted(closed) if v in scores})
             messages.append(Message(content, message_type="query.gossip", dst_node_id=node_of[pid]))
-        replies = fgrid.send_and_receive(messages, timeout=TIMEOUT)
+        replies = fgrid.send_and_receive(messages, timeout=fgrid.timeout)
 
         facts: list[dict[str, float]] = []
         trained: list[tuple[int, float]] = []  # (num examples, train loss)
         errors = []
-        for reply in replies:  # partition-id order
+        for reply in replies:  # partition-id order; replies with non-finite arrays never get here
             if reply.has_error():
                 errors.append(reply.error.reason)
                 continue
@@ -287,22 +309,31 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
             val[pid] = {k: float(v) for k, v in metrics.items() if k.startswith("val_")}
             facts.append({k: float(v) for k, v in metrics.items() if k.startswith("rule_")})
             trained.append((int(metrics["num-examples"]), float(metrics.get("train_loss", np.nan))))
+        traffic = fgrid.take_traffic()
         if active and not trained:
+            if traffic.rejected:
+                raise Diverged(f"diverged at round {r}: every active node's model has non-finite values")
             raise RuntimeError(f"round {r}: every node failed; first error: {errors[0] if errors else 'no reply'}")
 
-        traffic = fgrid.take_traffic()
         now = meter.now()
         total = sum(k for k, _ in trained)
         rows = [{
             "round": r, "scope": "train", "time_s": now,
             "train_loss": float(sum(k * loss for k, loss in trained) / total) if total else None,
             "nodes_trained": len(trained), "nodes_active": len(active), "failures": len(traffic.failures),
+            "stragglers": traffic.stragglers, "rejected": traffic.rejected,
             "bytes_sent": traffic.bytes_sent, "bytes_received": traffic.bytes_received,
             "bytes_p2p": bytes_p2p, "bytes_init": bytes_init,
         }, gossip_row(r, now, latest, adj, len(active), mailbox, facts)]
+        report_failures(r, traffic)
         if r in meter.rounds:
             rows += meter.evaluation_rows(r, latest, val)
         meter.write(r, rows)
+        every = scn.output.checkpoint_every
+        if every and r % every == 0 and r < scn.rounds:
+            save_checkpoint(recorder.dir, ResumeState(
+                round=r, rows=len(recorder.rows), gossip=router, node_states=fgrid.node_states(), rng=rng_states(),
+                reliability=recorder.reliability))
 
     save_topology(recorder.dir / "topology.png", adj0, meter.last_accuracy,
                   title + "\ncolour: final test accuracy of each node")

@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
+from fedens.faults import Faults, InjectedCrash, attack, draw, flip_labels, poison
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
@@ -91,11 +92,27 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         learner.set_arrays(arrays)
         return pid, data, learner, arrays
 
+    def faults_of(pid: int, server_round: int) -> Faults:
+        f = draw(scn.faults, scn.seed, server_round, pid, scn.data.num_clients)
+        if f.crash:
+            raise InjectedCrash(f"injected crash (faults.crash_prob), round {server_round}")
+        return f
+
+    def poisoned(data: ClientData, f: Faults) -> ClientData:
+        if f.byzantine != "label_flip":
+            return data
+        return ClientData(train=flip_labels(data.train, load_server_data(scn.data, scn.seed).num_classes), val=data.val)
+
+    def late(f: Faults) -> None:
+        if f.delay_s > 0:  # a straggler: the reply leaves late (the grid drops it past round_timeout_s)
+            time.sleep(f.delay_s)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid, client_data, learner, global_arrays = setup(msg, context)
-        data = client_data.train
         server_round = message_round(msg)
+        f = faults_of(pid, server_round)
+        data = poisoned(client_data, f).train
         generator = seeded_generator(scn.seed, server_round, pid)
         # A strategy's client-side term (prox, duals, ...) with this client's persistent state.
         config = records_of(msg.content, ConfigRecord).get("config", {})
@@ -111,6 +128,10 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             context.state[OBJECTIVE_STATE] = to_record(learner.objective.after_fit(trained))
             trained.update(learner.objective.reply_arrays())
         metrics.update({"num-examples": len(data), "train_time_s": time.perf_counter() - t0})
+        if f.any:  # injected faults change only what is sent: the client's own state stays honest
+            trained = attack(trained, global_arrays, f)
+            trained = poison(trained) if f.nan else trained
+            late(f)
         content = RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
@@ -163,7 +184,8 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         from fedens.decentralized.rules import GossipContext, make_rule
 
         pid = prepare(context)
-        data = client_data(pid)
+        f = faults_of(pid, message_round(msg))
+        data = poisoned(client_data(pid), f)
         learner = new_learner()
         inp = gossip_node.unpack_gossip(msg.content)
         own = gossip_node.own_model(context.state, inp.init)
@@ -175,8 +197,12 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             learner, rule, own, inp.received, ctx, data.train, data.val, scn.seed, message_round(msg),
             scn.evaluate.n_bins, scn.evaluate.batch_size,
         )
-        record = to_record(trained)
         gossip_node.store(context.state, to_record(trained))  # its own copy: the reply is sent away
+        if f.any:  # what the neighbours get: attacked relative to the node's model before the step
+            trained = attack(trained, own, f)
+            trained = poison(trained) if f.nan else trained
+            late(f)
+        record = to_record(trained)
         return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -107,6 +107,11 @@ class _LinkState(InMemoryLinkState):
             self.replied.notify_all()
         return message_id
 
+    def cancel(self, message_ids: set[str]) -> None:
+        """Drop queued messages that no one waits for any more (their round's deadline passed)."""
+        with self.work:
+            self.queued = deque(m for m in self.queued if m.metadata.message_id not in message_ids)
+
     def wait_for_work(self) -> bool:
         """Block until a queued message can be taken (its node has none at an actor); False
         when the run is over."""
@@ -222,6 +227,7 @@ class EngineGrid(InMemoryGrid):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     replies.extend(self.pull_messages(pending))  # Flower's answer for the missing ones
+                    link.cancel(pending)  # past the deadline: not sent to an actor any more
                     break
                 link.replied.wait(timeout=1.0 if left is None else min(left, 1.0))
         return replies

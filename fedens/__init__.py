@@ -24,7 +24,8 @@ _os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 __version__ = "0.1.0"
 
-from fedens.api import RunResult, Session, load, run, session  # noqa: E402
+from fedens.api import Interrupted, RunDiverged, RunFailed, RunResult, Session, load, resume, run, session  # noqa: E402
 from fedens.scenario import Scenario, ScenarioError  # noqa: E402
 
-__all__ = ["RunResult", "Scenario", "ScenarioError", "Session", "load", "run", "session", "__version__"]
+__all__ = ["Interrupted", "RunDiverged", "RunFailed", "RunResult", "Scenario", "ScenarioError", "Session", "load",
+           "resume", "run", "session", "__version__"]

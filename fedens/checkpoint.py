@@ -80,7 +80,10 @@ def save(run_dir: Path, state: ResumeState) -> None:
         raise CheckpointError(f"checkpoint of round {state.round} not written ({type(err).__name__}: {err}); "
                               f"the previous one is kept") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)  # no stray temporary file (also after a full disk)
+        except OSError:
+            pass  # not a file we can remove: the error above says what went wrong
 
 
 def load(run_dir: Path) -> ResumeState:

@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
-from fedens.faults import Faults, InjectedCrash, attack, draw, flip_labels, poison
+from fedens.faults import DELAY_KEY, Faults, InjectedCrash, attack, draw, flip_labels, poison
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
@@ -103,10 +103,6 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             return data
         return ClientData(train=flip_labels(data.train, load_server_data(scn.data, scn.seed).num_classes), val=data.val)
 
-    def late(f: Faults) -> None:
-        if f.delay_s > 0:  # a straggler: the reply leaves late (the grid drops it past round_timeout_s)
-            time.sleep(f.delay_s)
-
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid, client_data, learner, global_arrays = setup(msg, context)
@@ -131,7 +127,8 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         if f.any:  # injected faults change only what is sent: the client's own state stays honest
             trained = attack(trained, global_arrays, f)
             trained = poison(trained) if f.nan else trained
-            late(f)
+            if f.delay_s > 0:  # a straggler, in simulated time (the grid drops it past round_timeout_s)
+                metrics[DELAY_KEY] = f.delay_s
         content = RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
@@ -201,7 +198,8 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         if f.any:  # what the neighbours get: attacked relative to the node's model before the step
             trained = attack(trained, own, f)
             trained = poison(trained) if f.nan else trained
-            late(f)
+            if f.delay_s > 0:
+                metrics[DELAY_KEY] = f.delay_s
         record = to_record(trained)
         return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

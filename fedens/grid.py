@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
+from fedens.faults import DELAY_KEY
 from fedens.payload import ROUND_KEY, NpyArray, record_nbytes, records_of
 from fedens.seeding import derive_seed
 
@@ -65,6 +66,7 @@ class FedensGrid(Grid):
         self.seed = seed
         self.evaluate_rounds = evaluate_rounds
         self.timeout = 3600.0 if timeout is None else float(timeout)  # per message round (Flower's default)
+        self.timeout_set = timeout is not None  # round_timeout_s: injected delays count against it
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.round = 0
         self.traffic = RoundTraffic()
@@ -180,8 +182,16 @@ class FedensGrid(Grid):
                 reasons.append(f"{kind} partition {pid}: rejected, its arrays have non-finite values")
                 self.traffic.notes.append(reasons[-1])
                 continue
+            metrics = {k: v for rec in records_of(msg.content, MetricRecord).values() for k, v in rec.items()}
+            if DELAY_KEY in metrics:  # an injected straggler: late in simulated time
+                for rec in records_of(msg.content, MetricRecord).values():
+                    rec.pop(DELAY_KEY, None)  # not a metric to aggregate
+                if self.timeout_set and float(metrics.pop(DELAY_KEY)) > self.timeout:
+                    self.traffic.stragglers += 1
+                    reasons.append(f"{kind} partition {pid}: missed round_timeout_s (injected straggler)")
+                    self.traffic.notes.append(reasons[-1])
+                    continue
             if kind in ("train", "evaluate"):
-                metrics = {k: v for rec in records_of(msg.content, MetricRecord).values() for k, v in rec.items()}
                 getattr(self.traffic, kind)[pid] = metrics
             kept.append(msg)
             usable += 1

@@ -104,7 +104,8 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
 
         strategy.bind(ServerContext(scn, server_data, new_learner, scn.seed))
     evaluator = RoundEvaluator(scn, learner, server_data, fgrid, recorder, on_round, strategy)
-    if type(strategy).start is not Strategy.start:  # a strategy with its own loop runs it (no resume)
+    if type(strategy).start is not Strategy.start and not hasattr(strategy, "begin"):
+        # a user's strategy with a loop of its own runs it (without resume)
         strategy.start(grid=fgrid, initial_arrays=arrays, num_rounds=scn.rounds, train_config=ConfigRecord(),
                        evaluate_config=ConfigRecord(), evaluate_fn=evaluator)
         return
@@ -117,6 +118,8 @@ def run_rounds(strategy: Strategy, grid: FedensGrid, arrays: ArrayRecord, first:
     central evaluation after each round), from round ``first`` so that a run can resume. The
     same calls in the same order as ``Strategy.start``, without its console log and history."""
     train_config, evaluate_config = ConfigRecord(), ConfigRecord()
+    if hasattr(strategy, "begin"):  # a fedens strategy's hook, also after a resume (e.g. swarm's grid)
+        strategy.begin(grid, arrays, grid.timeout)
     if first == 1:
         evaluate_fn(0, arrays)
     else:

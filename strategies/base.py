@@ -83,6 +83,16 @@ class FedensStrategy(FedAvg):
     def bind(self, ctx: ServerContext) -> None:
         self.ctx = ctx
 
+    def begin(self, grid: Grid, arrays: ArrayRecord, timeout: float | None) -> None:
+        """Called before the first round this process runs, also when a run resumes: the grid
+        (for a strategy that sends messages of its own) and the arrays training starts from."""
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              **kwargs: Any):  # noqa: ANN201
+        """Flower's loop, for use outside fedens (fedens runs its own, resumable, loop)."""
+        self.begin(grid, initial_arrays, timeout)
+        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+
     def train_config(self, server_round: int) -> dict[str, Any]:
         return {}
 

@@ -257,14 +257,13 @@ class SwarmStrategy(FedensStrategy):
         if ctx.scenario.data.val_fraction <= 0:
             raise ValueError("strategy swarm scores models on the clients' validation splits: set data.val_fraction > 0")
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs: Any):  # noqa: ANN201
-        members, shared = split_members(from_record(initial_arrays))
+    def begin(self, grid: Grid, arrays: ArrayRecord, timeout: float | None) -> None:
+        members, shared = split_members(from_record(arrays))
         if shared or not members:
             raise ValueError("strategy swarm needs a learner whose arrays are all member.{k}.* (deep_ensemble)")
         if self.k > len(members):
             raise ValueError(f"strategy swarm: k={self.k} exceeds the learner's {len(members)} members (set learner.members >= k)")
         self.grid, self.timeout, self.slots = grid, timeout, len(members)
-        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)

@@ -19,6 +19,7 @@ strategy having to know:
 from __future__ import annotations
 
 import logging
+import math
 import random
 import sys
 import time
@@ -42,7 +43,22 @@ class AllClientsFailed(RuntimeError):
 
 
 class Diverged(RuntimeError):
-    """The global model (or every node's) has non-finite values: the run cannot go on."""
+    """The global model (or every node's) has non-finite values, or training's loss exploded:
+    the run cannot go on."""
+
+
+def exploded(server_round: int, train_loss: float | None, num_classes: int, factor: float | None) -> Diverged | None:
+    """A ``Diverged`` when a round's mean training loss is non-finite or above ``factor x log C``
+    (``evaluate.diverge_loss``), else None. A uniform prediction has cross-entropy ``log C``;
+    100 times that means the true class gets probability ``C^-100`` on average: the weights
+    have blown up (e.g. one client's update scaled by 1e6), though they are still finite."""
+    if factor is None or train_loss is None:
+        return None
+    limit = factor * math.log(num_classes)
+    if math.isfinite(train_loss) and train_loss <= limit:
+        return None
+    return Diverged(f"diverged at round {server_round}: the clients' mean training loss {train_loss:.3g} exceeds "
+                    f"evaluate.diverge_loss x log C = {limit:.3g}")
 
 
 @dataclass

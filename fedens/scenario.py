@@ -128,6 +128,10 @@ class EvaluateConfig(_Strict):
     max_clients: int | None = Field(
         100, ge=1, description="at most this many clients evaluate per round (a seeded sample); None: no cap"
     )
+    diverge_loss: float | None = Field(
+        100.0, gt=0, le=1e12,
+        description="a round whose mean training loss exceeds this x log C ends the run as diverged; None: never",
+    )
 
 
 class ResourcesConfig(_Strict):

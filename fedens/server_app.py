@@ -23,7 +23,7 @@ from fedens.checkpoint import ResumeState, restore_rng, rng_states
 from fedens.checkpoint import save as save_checkpoint
 from fedens.data import ServerData, load_server_data
 from fedens.decentralized.engine import run_gossip
-from fedens.grid import Diverged, FedensGrid, RoundTraffic, report_failures
+from fedens.grid import Diverged, FedensGrid, RoundTraffic, exploded, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics, ood_auroc, reliability_bins, uncertainty_scores
@@ -173,6 +173,11 @@ class RoundEvaluator:
             self.recorder.write_rows(rows)
             raise Diverged(f"diverged at round {server_round}: the global model has non-finite values in "
                            f"{len(bad)} tensors (e.g. {bad[0]})")
+        blown = exploded(server_round, rows[0]["train_loss"], self.data.num_classes, self.scn.evaluate.diverge_loss) \
+            if rows else None
+        if blown is not None:
+            self.recorder.write_rows(rows)
+            raise blown
         result = None
         if server_round in self.rounds:
             self.learner.set_arrays(named)

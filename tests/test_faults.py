@@ -66,3 +66,17 @@ def test_bad_fault_settings_are_refused(text, key):
 
     with pytest.raises(Exception, match=key):
         FaultsConfig.model_validate(yaml.safe_load("{" + text + "}"))
+
+
+def test_an_exploded_training_loss_is_divergence():
+    from fedens.grid import Diverged, exploded
+
+    limit = 100 * np.log(10)  # 230.3
+    assert exploded(3, 2.1, 10, 100.0) is None and exploded(3, None, 10, 100.0) is None
+    assert exploded(3, 230.0, 10, 100.0) is None
+    err = exploded(3, 231.0, 10, 100.0)
+    assert isinstance(err, Diverged) and "diverged at round 3" in str(err) and f"{limit:.3g}" in str(err)
+    assert isinstance(exploded(2, float("nan"), 10, 100.0), Diverged)
+    assert isinstance(exploded(2, float("inf"), 2, 1.0), Diverged)
+    assert exploded(2, 5e8, 10, None) is None  # turned off
+    assert exploded(2, 0.69, 2, 1.0) is None and isinstance(exploded(2, 0.7, 2, 1.0), Diverged)  # log 2 = 0.693

@@ -71,7 +71,7 @@ from fedens.decentralized.mailbox import Asynchrony, Mailbox
 from fedens.decentralized.node import INIT_KEY, RECV_PREFIX, SCORES_KEY, SIZES_KEY, pack_scores, sizes_record
 from fedens.decentralized.rules import Swarm, consensus_distance, layer_variance, make_rule
 from fedens.decentralized.topology import build_graph, neighbours, num_edges, plot_topology
-from fedens.grid import Diverged, FedensGrid, report_failures
+from fedens.grid import Diverged, FedensGrid, exploded, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
 from fedens.metrics import classification_metrics, reliability_bins
@@ -326,6 +326,10 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
             "bytes_p2p": bytes_p2p, "bytes_init": bytes_init,
         }, gossip_row(r, now, latest, adj, len(active), mailbox, facts)]
         report_failures(r, traffic)
+        blown = exploded(r, rows[0]["train_loss"], data.num_classes, scn.evaluate.diverge_loss)
+        if blown is not None:
+            recorder.write_rows(rows)  # the round's facts are kept
+            raise blown
         if r in meter.rounds:
             rows += meter.evaluation_rows(r, latest, val)
         meter.write(r, rows)

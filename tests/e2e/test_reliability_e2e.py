@@ -80,15 +80,16 @@ BYZANTINE = {"byzantine": {"fraction": 0.2, "kind": "scale", "scale": 1.0e6}}
 
 def test_a_scaled_client_makes_fedavg_diverge_and_the_run_says_so(session, tmp_path: Path):
     assert len(byzantine_clients(FaultsConfig.model_validate(BYZANTINE), 5, 5)) == 1
-    scn = {**BASE, "rounds": 6, "faults": BYZANTINE}
-    try:
-        session.run(scn, out=tmp_path / "run")
-    except fedens.RunDiverged as err:
-        s = summary(tmp_path / "run")
-        assert s["status"] == "failed" and s["failure"] == "diverged" and "diverged at round" in str(err)
-        return
-    # an update scaled by 1e6 is not necessarily NaN: then the model is wrecked instead
-    assert read_metrics(tmp_path / "run")[-1]["accuracy"] < 0.3
+    # the model stays finite (weights ~1e6), but round 2's training loss explodes (~1e8 > 100 log 10)
+    with pytest.raises(fedens.RunDiverged, match="diverged at round 2: the clients' mean training loss"):
+        session.run({**BASE, "rounds": 6, "faults": BYZANTINE}, out=tmp_path / "run")
+    s = summary(tmp_path / "run")
+    assert s["status"] == "failed" and s["failure"] == "diverged" and s["rounds_done"] == 2
+    train = [r for r in read_metrics(tmp_path / "run") if r["scope"] == "train"]
+    assert [r["round"] for r in train] == [1, 2] and train[1]["train_loss"] > 230  # the round's facts are kept
+    # with the guard off, the run goes on, finite and useless, as it did before the guard
+    off = session.run({**BASE, "rounds": 3, "faults": BYZANTINE, "evaluate": {"diverge_loss": None}}, out=tmp_path / "off")
+    assert off.final["global-test"]["accuracy"] < 0.3
 
 
 @pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum"])

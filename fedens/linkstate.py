@@ -364,7 +364,8 @@ class SimulatedRun:
                 self.contexts[node_id] = context
             else:  # the reply is an error message, as in Flower's runtime; the context is kept
                 reason, trace = failure
-                log.debug("node %s (partition %s) failed: %s\n%s", node_id, self.partition_of.get(node_id), reason, trace)
+                if not reason.startswith("InjectedCrash"):  # a real error keeps its traceback in run.log
+                    log.debug("node %s (partition %s) failed: %s\n%s", node_id, self.partition_of.get(node_id), reason, trace)
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
             reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.state.store_message_res(reply)

@@ -40,6 +40,12 @@ EVAL_SCOPES = ("global-test", "global-shift", "clients", "nodes-val", "gossip")
 TOTALS = ("failures", "stragglers", "rejected")  # counted per train row, totalled in the summary
 
 
+def _not_repeated(record: logging.LogRecord) -> bool:
+    """Leave out Flower's per-reply error lines: the grid logs each failure once, with its
+    partition id ("round r: train partition p: reason")."""
+    return not (record.name.startswith("flwr") and record.getMessage().lstrip().startswith("> Received error in reply"))
+
+
 def strict(value: Any, path: str = "", found: list[str] | None = None) -> Any:
     """``value`` with every non-finite float replaced by None (JSON has no NaN or infinity);
     the dotted paths of the replaced values are appended to ``found``."""
@@ -169,6 +175,7 @@ class RunRecorder:
         self._log_handler = logging.FileHandler(self.dir / "run.log", encoding="utf-8")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         self._log_handler.setLevel(logging.DEBUG)
+        self._log_handler.addFilter(_not_repeated)
         for name in ("flwr", "fedens"):
             logging.getLogger(name).addHandler(self._log_handler)
         self._board = TensorBoard(self.dir / "tensorboard") if scn.output.tensorboard else None

@@ -38,18 +38,22 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_crashes_are_counted_per_round_and_totalled(session, tmp_path: Path):
+def test_crashes_are_counted_per_round_and_totalled(session, tmp_path: Path, capfd: pytest.CaptureFixture[str]):
     faults = {"crash_prob": 0.3}
     want = expected(faults, "crash")
     assert sum(want) > 0 and max(want) < 5  # the draw has crashes, and no round where every client crashed
+    capfd.readouterr()
     result = session.run({**BASE, "faults": faults}, out=tmp_path / "run")
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    # at most one line per round on stderr, a count; no traceback
+    assert err == [f"round {r}: clients: {n} failed (see run.log)" for r, n in enumerate(want, 1) if n], err
     train = result.scope("train")
     assert [r["failures"] for r in train] == want
     assert [r["clients_trained"] for r in train] == [5 - w for w in want]
     s = summary(result.run_dir)
     assert s["status"] == "ok" and s["failures"] == sum(want)
     log = (result.run_dir / "run.log").read_text()
-    assert "injected crash" in log
+    assert log.count("injected crash") == sum(want) and "Traceback" not in log  # one line per failure
 
 
 def test_nan_replies_are_rejected_before_aggregation(session, tmp_path: Path):

@@ -1,7 +1,7 @@
 """What each strategy and gossip rule does under each injected fault: the table of
 ``docs/reliability.md``.
 
-    python bench/bench_faults.py                 # 3 seeds, about 20 minutes on 2 cores
+    python bench/bench_faults.py                 # 5 seeds, about 8 minutes on 2 cores
     python bench/bench_faults.py --seeds 1 --only fedavg krum
 
 Digits, 10 clients (Dirichlet 0.5), the MLP, 10 rounds of 1 local epoch, evaluated at round 10;
@@ -41,8 +41,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedtrimmedavg": {"strategy": {"name": "fedtrimmedavg", "params": {"beta": 0.2}}},
     "krum": {"strategy": {"name": "krum", "params": {"num_malicious_nodes": 2}}},
     "posterior_avg": {"learner": {"kind": "ivon"}, "strategy": {"name": "posterior_avg"}},
+    "swarm": {"learner": {"kind": "deep_ensemble", "members": 2}, "strategy": {"name": "swarm", "params": {"k": 2}}},
     "gossip-average": {**GOSSIP, "gossip": {"rule": "average"}},
     "gossip-vca": {**GOSSIP, "gossip": {"rule": "vca"}},
+    "gossip-swarm": {**GOSSIP, "learner": {"kind": "deep_ensemble", "members": 2}, "gossip": {"rule": "swarm", "params": {"k": 2}}},
 }
 FAULTS: dict[str, dict[str, Any]] = {
     "none": {},
@@ -92,7 +94,7 @@ def _summary(out: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=[], help="methods to run (default: all)")
     args = ap.parse_args()
     methods = [m for m in METHODS if not args.only or m in args.only]

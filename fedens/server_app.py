@@ -32,6 +32,7 @@ from fedens.results import RunRecorder
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed
 from strategies import build_strategy, resolve_strategy
+from strategies.base import REJECTED_KEY
 
 log = logging.getLogger("fedens")
 
@@ -163,7 +164,9 @@ class RoundEvaluator:
         if server_round > 0:
             # a fedens strategy's own facts of the round (e.g. consensus steps) join the train row
             extra = getattr(self.strategy, "server_metrics", None) or {}
-            rows.append({"round": server_round, "scope": "train", "time_s": now, **train_row(traffic), **extra})
+            row = {"round": server_round, "scope": "train", "time_s": now, **train_row(traffic), **extra}
+            row["rejected"] += row.pop(REJECTED_KEY, 0)  # the strategy's own rejections count as rejected too
+            rows.append(row)
             if extra:
                 self.strategy.server_metrics = {}
             if traffic.evaluate:

@@ -20,6 +20,7 @@ learner/strategy pair is an invalid scenario.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,6 +44,10 @@ class ServerContext:
     data: Any
     new_learner: Callable[[], Any]
     seed: int
+
+
+REJECTED_KEY = "rejected_by_strategy"  # replies reject_reason left out this round (added to the row's rejected)
+log = logging.getLogger("fedens")
 
 
 class FedensStrategy(FedAvg):
@@ -101,6 +106,14 @@ class FedensStrategy(FedAvg):
         same object). A strategy may send clients something other than what it evaluates."""
         return arrays
 
+    def reject_reason(self, arrays: Arrays) -> str | None:
+        """Why a client's (finite) reply cannot be aggregated, or None. Default: a posterior's
+        precisions (``precision.*``) must be positive; a Byzantine client's need not be."""
+        for key, value in arrays.items():
+            if key.startswith("precision.") and not (value > 0).all():
+                return f"{key} has non-positive values"
+        return None
+
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         """Default: the weighted average (FedAvg). ``weights`` ``(K,)`` sum to 1."""
         return weighted_average(arrays, weights)
@@ -120,9 +133,22 @@ class FedensStrategy(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
-        contents = [m.content for m in valid]
-        self.reply_partitions = [self._partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id) for m in valid]
-        arrays = [from_record(next(iter(c.array_records.values()))) for c in contents]
+        arrays, kept = [], []
+        for m in valid:  # a reply this strategy cannot use (e.g. a negative precision) is left out, counted
+            a = from_record(next(iter(m.content.array_records.values())))
+            why = self.reject_reason(a)
+            pid = self._partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id)
+            if why is None:
+                arrays.append(a)
+                kept.append(m)
+            else:
+                log.info("round %d: train partition %s: rejected, %s", server_round, pid, why)
+        if len(kept) < len(valid):
+            self.server_metrics[REJECTED_KEY] = len(valid) - len(kept)
+        if not kept:
+            return None, None  # nothing usable: the global model stays as it was
+        contents = [m.content for m in kept]
+        self.reply_partitions = [self._partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id) for m in kept]
         n = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents])
         new = self.aggregate_arrays(server_round, arrays, n / n.sum())
         return to_record(new), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -196,3 +196,13 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_rows(session, 
     (out / f".{checkpoint.FILE}.tmp").rmdir()  # the disk has room again
     resumed = session.resume(out)  # and the run continues from round 1's checkpoint
     assert summary(out)["status"] == "ok" and max(r["round"] for r in resumed.rows) == 4
+
+
+def test_posterior_averaging_rejects_a_sign_flipped_precision_instead_of_failing(session, tmp_path: Path):
+    scn = {**BASE, "learner": {"kind": "ivon"}, "strategy": {"name": "posterior_avg"},
+           "faults": {"byzantine": {"fraction": 0.2, "kind": "sign_flip", "scale": 5.0}}}
+    result = session.run(scn, out=tmp_path / "run")
+    rejected = [r["rejected"] for r in result.scope("train")]
+    assert summary(result.run_dir)["status"] == "ok" and sum(rejected) > 0 and max(rejected) <= 1, rejected
+    assert summary(result.run_dir)["rejected"] == sum(rejected)
+    assert "precision." in (result.run_dir / "run.log").read_text()

@@ -194,3 +194,10 @@ def test_posterior_product_with_a_split_global_multiplies_the_replies_once():
     one = strat.aggregate_arrays(3, [posterior([2.0], [6.0])], np.array([1.0]))
     # the missing client's share (1, 4) multiplied in: S = 6 + 4 = 10; m = (12 + 4) / 10 = 1.6
     assert one["precision.0.weight"] == pytest.approx([10.0]) and one["mean.0.weight"] == pytest.approx([1.6])
+
+
+def test_a_reply_with_a_non_positive_precision_is_rejected_not_fatal():
+    s = PosteriorAveraging()
+    assert s.reject_reason(posterior([[0.0, 1.0]], [[1.0, 2.0]])) is None
+    assert s.reject_reason(posterior([[0.0, 1.0]], [[1.0, 0.0]])) == "precision.0.weight has non-positive values"
+    assert s.reject_reason(posterior([[0.0, 1.0]], [[-3.0, 2.0]])) is not None

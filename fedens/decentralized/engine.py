@@ -326,10 +326,14 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
             "bytes_p2p": bytes_p2p, "bytes_init": bytes_init,
         }, gossip_row(r, now, latest, adj, len(active), mailbox, facts)]
         report_failures(r, traffic)
-        blown = exploded(r, rows[0]["train_loss"], data.num_classes, scn.evaluate.diverge_loss)
-        if blown is not None:
+        # per node: one node whose loss exploded (e.g. it took a Byzantine neighbour's model) is
+        # counted; the run has diverged when every node that trained has
+        blown = [e for _, loss in trained if (e := exploded(r, loss, data.num_classes, scn.evaluate.diverge_loss))]
+        rows[0]["nodes_exploded"] = len(blown)
+        if trained and len(blown) == len(trained):
             recorder.write_rows(rows)  # the round's facts are kept
-            raise blown
+            raise Diverged(f"diverged at round {r}: every node's training loss exceeds evaluate.diverge_loss x log C "
+                           f"(the mean is {rows[0]['train_loss']:.3g})")
         if r in meter.rounds:
             rows += meter.evaluation_rows(r, latest, val)
         meter.write(r, rows)

@@ -206,3 +206,14 @@ def test_posterior_averaging_rejects_a_sign_flipped_precision_instead_of_failing
     assert summary(result.run_dir)["status"] == "ok" and sum(rejected) > 0 and max(rejected) <= 1, rejected
     assert summary(result.run_dir)["rejected"] == sum(rejected)
     assert "precision." in (result.run_dir / "run.log").read_text()
+
+
+def test_gossip_counts_nodes_whose_loss_exploded_and_diverges_when_all_have(session, tmp_path: Path):
+    scn = {**BASE, "rounds": 8, "mode": "decentralized", "topology": {"kind": "ring"}, "faults": BYZANTINE}
+    scn.pop("fraction_evaluate")
+    with pytest.raises(fedens.RunDiverged, match="every node's training loss exceeds"):
+        session.run(scn, out=tmp_path / "run")
+    exploded = [r["nodes_exploded"] for r in read_metrics(tmp_path / "run") if r["scope"] == "train"]
+    # the scaled model travels one hop per round from the Byzantine node around the ring of 5
+    assert exploded[0] == 0 and exploded[-1] == 5 and all(a <= b for a, b in zip(exploded, exploded[1:])), exploded
+    assert 0 < exploded[1] < 5, exploded

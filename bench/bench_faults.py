@@ -101,14 +101,31 @@ def main() -> None:
     t0 = time.time()
     print(f"| method | fault | ok / diverged / failed (of {args.seeds}) | test accuracy | failed / straggling / rejected replies |")
     print("|---|---|---|---|---|")
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
     with fedens.session() as session, tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for fault in FAULTS:
-                c = cell(session, method, fault, args.seeds, Path(tmp))
+                c = cells[method, fault] = cell(session, method, fault, args.seeds, Path(tmp))
                 acc = f"{c['accuracy']:.3f}" if c["accuracy"] is not None else "-"
                 print(f"| {method} | {fault} | {c['ok']} / {c['diverged']} / {c['failed']} | {acc} | "
                       f"{c['failures']} / {c['stragglers']} / {c['rejected']} |", flush=True)
-    print(f"\nwall time {time.time() - t0:.0f} s ({len(methods) * len(FAULTS) * args.seeds} runs)")
+    print(f"\nwall time {time.time() - t0:.0f} s ({len(methods) * len(FAULTS) * args.seeds} runs)\n")
+    print(matrix(cells, methods, args.seeds))
+
+
+def matrix(cells: dict[tuple[str, str], dict[str, Any]], methods: list[str], seeds: int) -> str:
+    """Methods by faults: the mean final accuracy of the runs that finished, and how many of
+    the ``seeds`` runs diverged or failed."""
+    lines = ["| method | " + " | ".join(FAULTS) + " |", "|---" * (len(FAULTS) + 1) + "|"]
+    for method in methods:
+        row = []
+        for fault in FAULTS:
+            c = cells[method, fault]
+            text = f"{c['accuracy']:.2f}" if c["accuracy"] is not None else ""
+            bad = [f"{c[k]}/{seeds} {k}" for k in ("diverged", "failed") if c[k]]
+            row.append(" ".join([text, *(["(" + ", ".join(bad) + ")"] if text and bad else bad)]).strip())
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

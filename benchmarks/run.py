@@ -106,6 +106,7 @@ def run_all(out: Path, only: list[str]) -> dict[str, float]:
             print(f"== {path.stem}", flush=True)
             run_comparison(path, out / path.stem, session=session, progress=False)
             elapsed[path.stem] = time.time() - t
+            (out / "elapsed.json").write_text(json.dumps(elapsed))  # the report states the suite's wall time
     return elapsed
 
 
@@ -171,7 +172,8 @@ def report(out: Path, elapsed: dict[str, float]) -> str:
              f"other side, and is **inconclusive at this number of seeds** otherwise; \"comparable\" means inside "
              f"±{MARGIN} and \"not lower\" means above -{MARGIN} (accuracy points as fractions). A run that never "
              "reaches a target counts as the number of rounds + 1. Nothing was tuned: every method runs with its "
-             "fedens defaults (`docs/methods.md`) and the comparison's shared training settings.", "",
+             "fedens defaults (the README's tables, each strategy's and learner's docstring) and the comparison's "
+             "shared training settings; each comparison file says what it sets.", "",
              "Regenerate: `python benchmarks/run.py --out runs/bench` (resumes), then this page is rewritten.", ""]
     summary_rows = []
     sections = []
@@ -230,7 +232,8 @@ def report(out: Path, elapsed: dict[str, float]) -> str:
         total_runs, run_seconds = total_runs + n, run_seconds + secs
     lines += ["| claim | verdict (per compared pair) |", "|---|---|", *summary_rows, ""]
     lines += [f"The suite: {total_runs} runs, {run_seconds / 60:.0f} minutes of run time on a 2-core machine without a GPU"
-              + (f" ({sum(elapsed.values()) / 60:.0f} minutes elapsed in the last invocation)." if elapsed else "."), ""]
+              + (f" ({sum(elapsed.values()) / 60:.0f} minutes elapsed for the whole suite, one warm session)." if elapsed
+                 else "."), ""]
     return "\n".join(lines + sections) + "\n"
 
 
@@ -241,6 +244,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write docs/results.md from finished runs")
     args = parser.parse_args()
     elapsed = {} if args.report else run_all(args.out, args.only)
+    if not elapsed and (args.out / "elapsed.json").exists():
+        elapsed = json.loads((args.out / "elapsed.json").read_text())
     (ROOT / "docs" / "results.md").write_text(report(args.out, elapsed), encoding="utf-8")
     print(f"wrote {ROOT / 'docs' / 'results.md'}" + (f"; {sum(elapsed.values()) / 60:.1f} min" if elapsed else ""))
 

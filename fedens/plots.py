@@ -3,7 +3,7 @@ except ``save``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,11 @@ def tradeoff_figure(variants: dict[str, dict[str, Any]], title: str = "") -> tup
 # carry per-node lists ``node_<metric>``, ``gossip`` rows ``layer_variance`` (name -> value).
 
 
+def _num(values: Iterable[Any]) -> list[float]:
+    """Values for matplotlib: a missing (null, non-finite) value as NaN, a gap in the line."""
+    return [float("nan") if v is None else float(v) for v in values]
+
+
 def nodes_figure(rows: Sequence[dict[str, Any]], scope: str = "global-test", title: str = "") -> tuple[plt.Figure, Any]:
     """Per-node convergence: accuracy, NLL and ECE of the nodes' models against round, the mean
     over nodes as a line and the min-max over nodes as a band (rows of ``scope``)."""
@@ -176,9 +181,9 @@ def nodes_figure(rows: Sequence[dict[str, Any]], scope: str = "global-test", tit
         pts = [r for r in got if key in r and f"{key}_min" in r]
         if pts:
             xs = [r["round"] for r in pts]
-            ax.fill_between(xs, [r[f"{key}_min"] for r in pts], [r[f"{key}_max"] for r in pts],
+            ax.fill_between(xs, _num(r[f"{key}_min"] for r in pts), _num(r[f"{key}_max"] for r in pts),
                             alpha=0.25, color="tab:blue", label="min-max over nodes")
-            ax.plot(xs, [r[key] for r in pts], "-o", ms=3, color="tab:blue", label="mean over nodes")
+            ax.plot(xs, _num(r[key] for r in pts), "-o", ms=3, color="tab:blue", label="mean over nodes")
         rounds_axis(ax)
         ax.set_ylabel(f"{label}, each node's model")
         ax.grid(alpha=0.3)
@@ -208,7 +213,7 @@ def layer_variance_figure(rows: Sequence[dict[str, Any]], title: str = "") -> tu
     got = [r for r in rows if r["scope"] == "gossip" and r.get("layer_variance")]
     names = list(got[0]["layer_variance"]) if got else []
     for name in names:
-        ax.plot([r["round"] for r in got], [r["layer_variance"][name] for r in got], "-", lw=1.3,
+        ax.plot([r["round"] for r in got], _num(r["layer_variance"].get(name) for r in got), "-", lw=1.3,
                 label=readable_tensor(name))
     ax.set_yscale("log")
     rounds_axis(ax)
@@ -235,7 +240,7 @@ def layer_variance_comparison_figure(
         ax.plot(xs, [r["layer_variance_mean"] for r in got], "-", lw=1.8, color=color, label=label)
         if per_layer and got:
             for name in got[0]["layer_variance"]:
-                ax.plot(xs, [r["layer_variance"][name] for r in got], "-", lw=0.6, alpha=0.5, color=color)
+                ax.plot(xs, _num(r["layer_variance"].get(name) for r in got), "-", lw=0.6, alpha=0.5, color=color)
     ax.set_yscale("log")
     rounds_axis(ax)
     ax.set_ylabel("weight variance (mean over tensors)")

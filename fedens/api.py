@@ -139,8 +139,9 @@ def run(
     out : the run folder; an existing non-empty one is refused (``ScenarioError``) unless
         ``overwrite`` (it is emptied first) or the run is continued with ``resume``.
     engine : a started ``fedens.simulate.Engine`` to run in (``Session`` keeps one for many
-        runs); without one the run starts its own and stops it at the end. Ray starts at once,
-        in the background, while this function validates, builds the data and prepares.
+        runs); without one the run starts its own and stops it at the end. Ray starts once the
+        scenario has passed every check, in the background, while this function builds the data
+        and prepares.
 
     Raises ``ScenarioError`` for an invalid scenario or run folder (before anything starts),
     ``RunFailed`` when the run itself fails (the folder keeps every finished round, its summary
@@ -178,7 +179,7 @@ def _run(scn: Scenario, engine: Engine | None, verbose: bool, on_round: Any, out
          overwrite: bool = False, resume_dir: Path | None = None) -> RunResult:
     own_engine = engine is None
     if engine is None:
-        engine = engine_for(scn, verbose).start()  # Ray starts while the driver checks and prepares
+        engine = engine_for(scn, verbose)  # started once the scenario has passed every check
     elif engine.ray_num_cpus != scn.engine.ray_num_cpus:
         raise ScenarioError(f"{scn.source}: engine.ray_num_cpus: {scn.engine.ray_num_cpus}, but the session's "
                             f"engine was started with {engine.ray_num_cpus}")
@@ -191,7 +192,8 @@ def _run(scn: Scenario, engine: Engine | None, verbose: bool, on_round: Any, out
         from fedens.server_app import make_server_app
 
         scn = check_references(scn)
-        preflight(scn)
+        preflight(scn)  # every check before Ray starts: bad input costs no Ray start and stop
+        engine.start()  # Ray starts in the background while the driver builds the data and prepares
         state = None
         if resume_dir is not None:
             try:

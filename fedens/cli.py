@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.resume and not args.scenario:
         raise ScenarioError("run: give a scenario file, or --resume RUN_DIR")
     source = Path(args.resume) / "scenario.yaml" if args.resume else args.scenario
-    scn = parse_scenario(source, args.overrides)  # the schema; run() checks the rest while Ray starts
+    scn = parse_scenario(source, args.overrides)  # the schema; run() makes the other checks, then starts Ray
     progress = None if args.no_progress else _Progress(scn.rounds)
     on_round = progress.update if progress else None
     try:

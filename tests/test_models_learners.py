@@ -85,7 +85,8 @@ def test_set_arrays_rejects_missing_tensors(setup):
 
 
 def test_registered_learners():
-    assert "single" in LEARNERS.names()
+    assert sorted(LEARNERS.names()) == ["batch_ensemble", "deep_ensemble", "film_ensemble", "ivon", "lora_ensemble",
+                                        "low_precision", "mc_dropout", "single", "snapshot", "subnetwork"]
 
 
 def test_array_dataset_checks_dtypes():

@@ -39,10 +39,9 @@ def test_fedbe_runs_through_the_engine(session, tmp_path: Path):
 
 
 def test_fedbe_without_a_public_split_fails_with_the_fix(session, tmp_path: Path):
-    """Until scenario validation calls ``FedBE.check_scenario``, the run fails at bind time
-    (before round 1), and the error names the fix."""
-    from fedens.api import RunFailed
-
+    """Validation (``FedBE.check_scenario``) refuses it before anything runs, naming the fix;
+    no run folder is made."""
     no_public = {**FEDBE, "data": {**FEDBE["data"], "server_fraction": 0.0}}
-    with pytest.raises((RunFailed, fedens.ScenarioError), match=r"set data\.server_fraction > 0"):
+    with pytest.raises(fedens.ScenarioError, match=r"data\.server_fraction: .*set data\.server_fraction > 0"):
         session.run(no_public, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -19,8 +19,13 @@ def post(m, s) -> dict[str, np.ndarray]:
 
 
 def test_registered_and_ivon_only():
-    cls = resolve_strategy("ivon_admm")
-    assert cls.supported_learners == ("ivon",)
+    assert resolve_strategy("ivon_admm").__name__ == "IvonAdmm"
+    import fedens
+
+    scn = {"rounds": 1, "data": {"num_clients": 2}, "strategy": {"name": "ivon_admm"}}
+    with pytest.raises(fedens.ScenarioError, match="ivon"):  # a learner without a posterior is refused
+        fedens.load(scn)
+    assert fedens.load({**scn, "learner": {"kind": "ivon"}}).strategy.name == "ivon_admm"
 
 
 def test_dual_update_by_hand():

@@ -44,6 +44,8 @@ UNTOUCHED = ("1.running_mean", "1.running_var", "1.num_batches_tracked", "2.scal
 
 def test_registered():
     assert STRATEGIES.get("vca") is VarianceCorrectedAveraging
+    with pytest.raises(ValueError, match="target must be one of"):
+        VarianceCorrectedAveraging(target="mine")
 
 
 def test_tensor_var_is_unbiased_over_all_elements():

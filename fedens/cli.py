@@ -25,7 +25,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedens import __version__
+
     parser = _Parser(prog="fedens", description="Uncertainty-aware federated learning on Flower + Ray.")
+    parser.add_argument("--version", action="version", version=f"fedens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run a scenario, or continue one with --resume")
     run.add_argument("scenario", nargs="?", help="scenario YAML file (not with --resume)")
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key in every variant; repeatable")
     cmp.add_argument("--verbose", action="store_true")
-    sub.add_parser("list", help="registered datasets, models, learners and strategies")
+    lst = sub.add_parser("list", help="registered datasets, models, learners, strategies and gossip rules")
+    lst.add_argument("--long", action="store_true", help="one line per entry: what it is and its parameters")
     return parser
 
 
@@ -85,13 +89,68 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from fedens.data import DATASETS
+    from fedens.decentralized.rules import GOSSIP_RULES
     from fedens.learners import LEARNERS
     from fedens.models import MODELS
     from strategies import STRATEGIES
 
-    for title, reg in (("datasets", DATASETS), ("models", MODELS), ("learners", LEARNERS), ("strategies", STRATEGIES)):
-        print(f"{title}: {', '.join(reg.names())}")
+    registries = (("datasets", DATASETS), ("models", MODELS), ("learners", LEARNERS), ("strategies", STRATEGIES),
+                  ("gossip rules", GOSSIP_RULES))
+    for title, reg in registries:
+        if not args.long:
+            print(f"{title}: {', '.join(reg.names())}")
+            continue
+        print(f"{title}:")
+        for name in reg.names():
+            obj = reg.get(name)
+            print(f"  {name:18s} {_summary_line(obj)}" + (f"  [{params}]" if (params := _parameters(obj)) else ""))
     return EXIT_OK
+
+
+def _summary_line(obj: Any) -> str:
+    """The first sentence of what documents an entry: its class's docstring; for a spec (a
+    dataset or a model) its options' or its builder's; else its module's."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(obj) and not inspect.isclass(obj):
+        sources = [getattr(obj, "Options", None), *(getattr(obj, f.name) for f in dataclasses.fields(obj))]
+        sources = [x for x in sources if inspect.isclass(x) or inspect.isfunction(x)]
+    else:
+        sources = [obj]
+    sources += [sys.modules.get(getattr(x, "__module__", ""), None) for x in list(sources)]
+    for source in sources:
+        doc = inspect.cleandoc(source.__dict__.get("__doc__") or "") if source is not None and \
+            hasattr(source, "__dict__") else ""
+        if doc:
+            first = " ".join(doc.split("\n\n")[0].split())
+            return first.split(". ")[0].rstrip(".")[:110]
+    return ""
+
+
+def _parameters(obj: Any) -> str:
+    """``name=default`` of an entry's options: a pydantic ``Options`` model, a dataclass, or the
+    constructor's own keyword arguments (a Flower strategy's inherited ones left out)."""
+    import dataclasses
+    import inspect
+
+    options = getattr(obj, "Options", None)
+    if options is not None and hasattr(options, "model_fields"):
+        return ", ".join(f"{k}={f.default_factory() if f.default_factory else f.default!r}"
+                         for k, f in options.model_fields.items() if not f.is_required() or f.default_factory)
+    if dataclasses.is_dataclass(obj):
+        return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING)
+    if inspect.isclass(obj):
+        try:
+            sig = inspect.signature(obj.__init__)
+        except (TypeError, ValueError):
+            return ""
+        own = [p for p in sig.parameters.values() if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        flower = {"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
+                  "weighted_by_key", "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
+                  "evaluate_metrics_aggr_fn"}
+        return ", ".join(f"{p.name}={p.default!r}" for p in own if p.name not in flower and p.default is not p.empty)
+    return ""
 
 
 @contextlib.contextmanager

@@ -102,3 +102,26 @@ def test_learner_plugin_options_are_validated():
 
     with pytest.raises(ScenarioError, match="learner.temperature: should be greater than 0"):
         load_scenario({"learner": {"kind": "examples/custom_learner.py:TemperatureLearner", "temperature": 0}})
+
+
+def test_fedens_list_long_describes_every_entry(capsys):
+    from fedens import cli
+
+    assert cli.main(["list", "--long"]) == 0
+    out = capsys.readouterr().out
+    assert "gossip rules:" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("fedprox "))
+    assert "FedProx" in line and "[mu=0.01]" in line  # the module's first sentence, its own parameter only
+    line = next(x for x in out.splitlines() if x.strip().startswith("deep_ensemble "))
+    assert "members=5" in line and "PydanticUndefined" not in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("mlp "))
+    assert "hidden=[128]" in line
+
+
+def test_fedens_version(capsys):
+    import fedens
+    from fedens import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"fedens {fedens.__version__}"

@@ -1,8 +1,10 @@
 """A small 1-D CNN for signals such as MNIST-1D: ``(batch, C, L) -> (batch, classes)``.
 
 The MNIST-1D paper's CNN in spirit (Greydanus & Kobak, ICML 2024): a few convolutions with
-stride 2 over the sequence, ReLU, then a linear head; it reaches about 95% on MNIST-1D where
-an MLP stays near 70%, which is what makes the dataset separate methods. No batch norm, as in
+stride 2 over the sequence, ReLU, then a linear head. The paper reports about 95% for its CNN and
+about 70% for an MLP; this one, trained centrally on fedens' split (scenarios/mnist1d.yaml's
+settings), reaches about 86% and the MLP about 62%: the gap is what makes the dataset separate
+methods. No batch norm, as in
 ``cnn``: statistics averaged across non-IID clients are a known source of trouble.
 """
 

@@ -93,7 +93,7 @@ class Dyn(Objective):
     """FedDyn (Acar et al. 2021), client side: ``(alpha / 2) ||w - w_g||^2 - <w, g_k>``, where
     ``g_k`` is the client's accumulated linear term (the state ``grad.<name>``, zero at first).
     After training: ``g_k <- g_k - alpha (w_k - w_g)`` (the paper's first-order condition
-    update, so that ``-<w, g_k>`` and the METHODS form ``+<w, lambda_k>`` agree with
+    update, so that ``-<w, g_k>`` and the dual form ``+<w, lambda_k>`` of docs/methods.md#feddyn agree with
     ``lambda_k = -g_k``)."""
 
     def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -218,7 +218,7 @@ class LapCov(Objective):
 
 def lapcov_dual_update(state: Arrays, trained: Arrays, hess: Arrays, global_arrays: Arrays, precision: Arrays,
                        rho: float) -> Arrays:
-    """FedLap-Cov's dual step (METHODS.md section 2), element-wise for diagonal precisions:
+    """FedLap-Cov's dual step (docs/methods.md#fedlap-cov), element-wise for diagonal precisions:
     ``S_k = H_k - V_k + S_g``; ``v_k += rho (S_k w_k - S_g w_g)``; ``V_k <- (1 - rho) V_k + rho H_k``.
     ``state`` holds ``dual.<n>`` (v_k) and ``site.<n>`` (V_k); missing ones are zero."""
     out = {}

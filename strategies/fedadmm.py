@@ -4,7 +4,7 @@ Adaptivity to System Heterogeneity", ICDE 2022).
 - Client (``fedens.objectives.Admm``): ``l_k(w) + <y_k, w - w_g> + (rho/2) ||w - w_g||^2`` (squared
   norm), then ``y_k <- y_k + rho (w_k - w_g)``; ``y_k`` persists in the client's ``context.state``.
 - Server, on the augmented models ``w_k + y_k / rho``: ``w_g <- w_g + (eta / K) sum_{k sampled}
-  (2 w_k^new - w_g - w_k^old)`` (METHODS.md section 2; the difference of a client's augmented
+  (2 w_k^new - w_g - w_k^old)`` (docs/methods.md#fedadmm; the difference of a client's augmented
   models since it last trained, because ``y_k`` moved by ``rho (w_k^new - w_g)``), K the number
   of all clients. The server keeps each client's last model ``w_k^old`` by partition id; before
   a client's first round it is the initial global model (``y_k = 0``, ``w_k^0 = w^0``).

@@ -1,7 +1,7 @@
 """``fedbe``: FedBE, Bayesian model ensembling distilled into the global model on the server.
 
 Chen & Chao, "FedBE: Making Bayesian Model Ensemble Applicable to Federated Learning", ICLR 2021
-(arXiv 2009.01974; code ``hongyouc/FedBE``). Every round, after the clients have trained:
+(arXiv 2009.01974; the authors' public code). Every round, after the clients have trained:
 
 1. Fit a diagonal Gaussian to the client weights θ_k (client weights w_k, Σ w_k = 1):
    μ = Σ w_k θ_k (the FedAvg model), σ² = Σ w_k (θ_k − μ)², per element (``fit_gaussian``).
@@ -23,7 +23,7 @@ Decisions
   other fedens model. It is not Hinton-style logit division of both sides (there is no T² factor).
   ``temperature=1`` distils p̄ itself. The pseudo-labels p̄ are the plain average (step 3); the
   sharpening is a separate step (``sharpen``).
-- Variance scaling: the brief and METHODS give θ ~ N(μ, var_scale·σ²), i.e. ``var_scale`` scales
+- Variance scaling: the paper's description gives θ ~ N(μ, var_scale·σ²), i.e. ``var_scale`` scales
   the VARIANCE. FedBE's code (``swag.py``, gaussian mode) computes mean + sqrt(var)·ε·var_scale,
   i.e. it scales the standard deviation, and fits the Gaussian to per-tensor-normalised client
   updates θ_k − θ_global; here the Gaussian is fitted to the weights themselves, as in the paper.
@@ -36,10 +36,10 @@ Decisions
   network is distilled.
 - SWA: by hand, the equal-weight running mean of the student's (floating) arrays at the end of
   each of the ``distill_epochs`` epochs (FedBE's code uses torchcontrib SWA with step-based
-  ``swa_start``/``swa_freq``; the brief asks for an average over epochs). Non-floating buffers
+  ``swa_start``/``swa_freq``; fedens averages over epochs). Non-floating buffers
   take the last epoch's value. No BatchNorm statistics update is run after averaging (the fedens
   mlp/cnn have no BatchNorm; FedBE only runs ``bn_update`` for its ResNets).
-- Optimiser: METHODS gives lr 0.01; momentum 0.9 follows FedBE's server optimiser
+- Optimiser: lr 0.01 (docs/methods.md#fedbe); momentum 0.9 follows FedBE's server optimiser
   (``ServerUpdate.set_opt``). A fresh optimiser every round.
 - Teacher predictions use ``predict_proba`` averaged over its members axis (1 for ``single``), in
   eval mode; the student is trained in train mode (dropout active for ``mc_dropout``).

@@ -5,8 +5,8 @@ squared norm of the paper; after training ``g_k <- g_k - alpha (w_k - w_g)``. ``
 the client's ``context.state`` across rounds (untouched while the client is not sampled).
 
 Server: ``h <- h - (alpha / K) sum_{k in S} (w_k - w_g)`` over the sampled clients S, K the number
-of all clients; ``w_g <- mean_{k in S}(w_k) - h / alpha``. (METHODS.md writes the same with
-``lambda_k = -g_k`` and ``h_METHODS = -h``.) The paper's alpha is used as it is; the bayes-admm
+of all clients; ``w_g <- mean_{k in S}(w_k) - h / alpha``. (docs/methods.md#feddyn writes the same with
+``lambda_k = -g_k`` and its ``h = -h`` here.) The paper's alpha is used as it is; the bayes-admm
 code scales it by N_k / N on the client, which we do not.
 """
 

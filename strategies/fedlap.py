@@ -7,7 +7,7 @@ federated ADMM read as Bayesian learning with isotropic Gaussian (Laplace) sites
 - Fixed point: ``sum_k N_k grad l_k(w) + delta w = 0``, the MAP of the pooled data under the
   prior N(0, 1/delta) (tested on ridge regression against the closed form).
 
-Order of the server's step (our reading of METHODS' "dual, then w_g = sum_k v_k"): the duals
+Order of the server's step (our reading of the paper's "dual, then w_g = sum_k v_k"; docs/methods.md#fedlap): the duals
 are stepped against the *new* global model, and the new global is the sum of the new duals.
 Both at once have the closed form
 

@@ -5,7 +5,7 @@ federated ADMM as Bayesian learning with *diagonal* Gaussian (Laplace) sites.
 - Client (``fedens.objectives.LapCov``): ``argmin N_k l_k(w) + 1/2 (w - w_g)^T S_g (w - w_g) +
   v_k^T w - 1/2 w^T V_k w``.
 - Dual, after training: ``H_k`` = diagonal GGN at ``w_k`` (exact per-example Jacobians with
-  torch.func, ``fedens.objectives.diag_ggn``: the METHODS' laplace-torch ``diag`` Hessian minus
+  torch.func, ``fedens.objectives.diag_ggn``: the laplace-torch ``diag`` Hessian of the reference, minus
   its prior, which is this GGN); ``S_k = H_k - V_k + S_g``; ``v_k += rho (S_k w_k - S_g w_g)``;
   ``V_k <- (1 - rho) V_k + rho H_k``.
 

@@ -1,7 +1,7 @@
 """FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020).
 
 Client: ``l_k(w) + (mu / 2) ||w - w_g||^2`` — the squared norm of the paper. (The bayes-admm
-reference implementation uses the unsquared ``torch.norm``; METHODS.md section 2 notes it; we
+reference implementation uses the unsquared ``torch.norm``; docs/methods.md#fedprox notes it; we
 follow the paper.) The term lives on the client (``fedens.objectives.Prox``); the server step
 is FedAvg's.
 """

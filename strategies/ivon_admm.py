@@ -1,5 +1,5 @@
 """IVON-ADMM (``FedIVON`` in the code; Möllenhoff*, Swaroop*, Doshi-Velez, Khan, "Federated ADMM
-from Bayesian Duality", ICLR 2026, arXiv 2506.13150; METHODS.md sections 2 and 4): federated
+from Bayesian Duality", ICLR 2026, arXiv 2506.13150; docs/methods.md#ivon-admm): federated
 variational learning with diagonal Gaussian posteriors, ADMM on the natural parameters.
 
 - Client (``fedens.objectives.IvonAdmm`` + the ``ivon`` learner): IVON with ess

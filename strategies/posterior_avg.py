@@ -1,4 +1,4 @@
-"""``posterior_avg``: precision-weighted averaging of diagonal Gaussian posteriors (METHODS.md
+"""``posterior_avg``: precision-weighted averaging of diagonal Gaussian posteriors (docs/methods.md#posterior-avg;
 section 4, option (i); the IVON posterior of Shen et al., ICML 2024, arXiv 2402.17641).
 
 Client k sends ``mean.<n>`` = m_k and ``precision.<n>`` = s_k (IVON: s_k = ess_k (hess_k + wd)).
@@ -10,7 +10,7 @@ With the FedAvg weights w_k (data sizes, summing to 1), element-wise:
 Decisions:
 - ``w_k`` are the usual FedAvg weights, so equal precisions give FedAvg exactly; a client's
   data size enters twice (through w_k and through s_k, which IVON scales with ess = n_k), as the
-  equation in METHODS prescribes.
+  equation in docs/methods.md#posterior-avg prescribes.
 - Arrays that are neither ``mean.*`` nor ``precision.*`` (buffers, e.g. BatchNorm statistics)
   are the plain weighted average.
 - Math in float64, cast back to the arrays' dtype. Precisions are positive for the ``ivon``

@@ -1,5 +1,5 @@
 """``posterior_product``: the product of the K clients' diagonal Gaussian posteriors that share a
-prior p0 = N(m0, diag(1/s0)) (METHODS.md section 4, option (ii); standard Bayesian-committee
+prior p0 = N(m0, diag(1/s0)) (docs/methods.md#posterior-product; standard Bayesian-committee
 algebra: p(theta | D_1..D_K) ∝ prod_k p(theta | D_k) / p0(theta)^(K-1)). Element-wise:
 
     S_g = sum_k s_k - (K - 1) s0

@@ -1,4 +1,4 @@
-"""``swarm``: swarm-consensus ensembling, the fedens specification of METHODS.md section 3.
+"""``swarm``: swarm-consensus ensembling, the fedens specification (docs/methods.md#swarm-consensus).
 
 Built on the public facts of PoSw: Raza, Tran, Koehl, Li, "Proof of Swarm Based Ensemble
 Learning for Federated Learning Applications", ACM SAC 2023 (arXiv 2212.14050): a consensus over
@@ -310,7 +310,7 @@ class SwarmStrategy(FedensStrategy):
     def client_test_accuracy(self, records: list[ArrayRecord]) -> dict[str, Any]:
         """Test accuracy of every client's trained model (its whole P-member ensemble) and of its
         best single member, on the server's test set: the single-client models the agreed
-        ensemble is to beat (METHODS 3). A measurement; the consensus never sees the test set."""
+        ensemble is to beat (docs/methods.md#swarm-consensus). A measurement; the consensus never sees the test set."""
         learner, test = self.ctx.new_learner(), self.ctx.data.test
         labels = torch.from_numpy(test.y)
         client, member = [], []

@@ -1,5 +1,5 @@
 """``uncertainty_merge``: uncertainty-based gradient matching (Daheim, Möllenhoff, Ponti, Gurevych,
-Khan, "Model Merging by Uncertainty-Based Gradient Matching", ICLR 2024; METHODS.md section 4;
+Khan, "Model Merging by Uncertainty-Based Gradient Matching", ICLR 2024; docs/methods.md#uncertainty-merge;
 reference code ``UKPLab/iclr2024-model-merging:code/uncertainty_based_gradient_matching.py``).
 
 With theta_0 the round's global mean (what the clients started from), H_0 its precision, theta_t
@@ -9,7 +9,7 @@ wd)), element-wise:
     H_bar   = alpha * sum_t H_t + H_0 + delta_0
     theta   = theta_0 + alpha * sum_t H_bar^-1 (H_0 + H_t + delta_0) (theta_t - theta_0)
 
-This is METHODS' equation with the reference code's per-task scales s_t and s_0 equal to 1
+This is the paper's equation with the reference code's per-task scales s_t and s_0 equal to 1
 (the code's ``scaling_factors_ft`` and ``scaling_factor_pt``; its ``scaling_factor`` is alpha).
 Special case: equal precisions H_t = H for every client and alpha = 1/K give
 H_bar = H + H_0 + delta_0 = H_0 + H_t + delta_0, so theta = mean_t theta_t, the plain
@@ -24,7 +24,7 @@ Decisions:
   ``posterior_avg``; w_k the FedAvg weights). Not H_bar: the clients' precisions already contain
   the global precision they imported, so adding H_0 again would count it twice and the
   precision would grow every round.
-- ``delta_0`` default 1e-12 (METHODS), >= 0.
+- ``delta_0`` default 1e-12 (docs/methods.md#uncertainty-merge), >= 0.
 - Non-posterior arrays (buffers) are the plain weighted average; math in float64, cast back.
 
 Measured (digits, 3 clients, MLP [32], ivon with samples 4, seed 3, 3 rounds; test accuracy /

@@ -1,6 +1,6 @@
 """``vca``: variance-corrected model averaging (VCMA; Tian, Al-Ars, Kitsak, Hofstee, "Vanishing
 Variance Problem in Fully Decentralized Neural-Network Systems", arXiv 2404.04616, 2024;
-METHODS.md section 1; reference code ``twoentartian/DFL_torch:py_src/model_variance_correct.py``).
+docs/methods.md#vca; the authors' public code is the reference).
 
 Averaging uncorrelated models shrinks each layer's weight variance (K uncorrelated layers: about
 1/K of the members' variance). VCMA rescales the spread of every averaged layer back to a target

@@ -24,8 +24,8 @@ Rules (``GOSSIP_RULES``; frozen dataclasses of options, checked on construction;
     ``(1 - a) N_j / sum_senders N`` (given ``a``).
 
 ``vca``
-    Variance-corrected model averaging, METHODS.md section 1 exactly (Tian et al., arXiv
-    2404.04616; ``twoentartian/DFL_torch``): per tensor l, ``avg = mean_j W_j,l`` over the
+    Variance-corrected model averaging as in docs/methods.md#gossip-vca (Tian et al., arXiv
+    2404.04616; the authors' public code): per tensor l, ``avg = mean_j W_j,l`` over the
     received models, ``out = c W_own,l + (1 - c) avg`` (``c = conservative``, preset 0.5), then
     ``out = (out - mean(out)) sqrt((tgt + eps) / (Var(out) + eps)) + mean(out)`` (eps 1e-4, Var
     unbiased over all elements) with ``tgt`` = ``others``: ``mean_j Var(W_j,l)`` (default),
@@ -42,7 +42,7 @@ sum_k w_k P_k m_k / precision_out`` (where ``precision_out`` is 0, the plain mix
 ``vca`` then corrects the ``mean.<n>`` tensors (targets from the models' means), never precisions.
 
 ``swarm``
-    Swarm consensus (METHODS.md section 3, as ``strategies/swarm.py`` adapts it) over the
+    Swarm consensus (docs/methods.md#gossip-swarm, as ``strategies/swarm.py`` adapts it) over the
     node's closed neighbourhood C_i = {i} + senders. Candidates: every member of every node in
     C_i (``member.{m}.*`` of a ``deep_ensemble``; a model without members is one candidate, the
     whole arrays), rows ordered by node id then member index. Scores: ``ctx.scores[v][c][m] =
@@ -207,7 +207,7 @@ class Average(GossipRule):
 @GOSSIP_RULES.register("vca")
 @dataclass(frozen=True)
 class VarianceCorrected(GossipRule):
-    """VCMA per node (module docstring; METHODS.md section 1)."""
+    """VCMA per node (module docstring; docs/methods.md#gossip-vca)."""
 
     conservative: float = 0.5
     target: str = "others"
@@ -252,7 +252,7 @@ class VarianceCorrected(GossipRule):
 @GOSSIP_RULES.register("swarm")
 @dataclass(frozen=True)
 class Swarm(GossipRule):
-    """Swarm consensus over the closed neighbourhood (module docstring; METHODS.md section 3)."""
+    """Swarm consensus over the closed neighbourhood (module docstring; docs/methods.md#gossip-swarm)."""
 
     k: int = 3
     T: int = 10

@@ -1,5 +1,5 @@
 """``film_ensemble``: FiLM-Ensemble (Turkoglu et al., NeurIPS 2022, arXiv 2206.00050;
-reference code ``prs-eth/FILM-Ensemble:models/CBN.py``).
+the authors' public code).
 
 FiLM-Ensemble replaces a network's batch-norm layers by member-conditioned ones,
 

@@ -6,7 +6,7 @@ The posterior is ``N(m, diag(1 / (ess * (hess + weight_decay))))``: ``m`` are th
 parameters, ``hess`` is IVON's running Hessian estimate (``param_groups[0]["hess"]``, one flat
 tensor over all parameters). It travels as ``mean.<name>`` (= the parameter) and
 ``precision.<name>`` (= ``ess * (hess + weight_decay)``), so FedAvg averages means and precisions
-element-wise; a precision-aware strategy can combine them properly (METHODS.md section 4).
+element-wise; a precision-aware strategy can combine them properly (docs/methods.md#ivon).
 
 Decisions:
 - Training is the package's loop: per step, ``mc_train`` times ``with opt.sampled_params(train=True):

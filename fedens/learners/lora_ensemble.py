@@ -1,6 +1,6 @@
 """``lora_ensemble``: LoRA-Ensemble (Halbheer, Mühlematter et al., "LoRA-Ensemble: Efficient
-Uncertainty Modelling for Self-attention Networks", arXiv 2405.14438; code
-``prs-eth/LoRA-Ensemble``, ``models/lora_ensemble.py`` and ``models/lora.py``).
+Uncertainty Modelling for Self-attention Networks", arXiv 2405.14438;
+the authors' public code).
 
 One frozen, pretrained attention backbone (model kind ``vit``) is shared by all members. Member
 i adds its own low-rank update to the q, k, v and o projections of every block,

@@ -1,7 +1,7 @@
 """IVON with a per-element Gaussian prior and the Lagrangian terms of IVON-ADMM (``FedIVON``).
 
 The building block of IVON-ADMM (Möllenhoff, Swaroop, Doshi-Velez, Khan, "Federated ADMM from
-Bayesian Duality", arXiv 2506.13150; METHODS.md sections 2 and 4). ``IVONPrior`` subclasses
+Bayesian Duality", arXiv 2506.13150; docs/methods.md#ivon-admm). ``IVONPrior`` subclasses
 ``ivon.IVON`` (``ivon-opt`` 0.1.3) and changes only the update; sampling, gradient collection,
 ``sampled_params(train=...)`` and ``step()`` are the package's, so the package's training loop
 works unchanged. With ``delta`` = the scalar ``weight_decay``, ``m0 = 0`` and no Lagrangian
@@ -18,7 +18,7 @@ the prior is N(m0, diag(1/(λδ)))), ṽ, Ṽ the scaled dual terms and ε ~ N(0
              with α = lr·(hess_init + δ) if ``rescale_lr`` (element-wise when δ is a tensor)
 - posterior: N(m, diag(1/(λ(h + δ))))
 
-Where the extra terms enter: my reading of ``team-approx-bayes/bayes-admm:ivonwithprior.py``
+Where the extra terms enter: my reading of the authors' ``ivonwithprior`` optimiser (their public code)
 (commit bd80f94), which I read in full:
 
 - ``_set_prior(prior_mean, prior_prec)`` stores ``weight_decay = prior_prec / ess`` (a tensor)

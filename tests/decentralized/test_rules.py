@@ -1,4 +1,4 @@
-"""Gossip node rules and measures (fedens/decentralized/rules.py, METHODS.md sections 1 and 3)."""
+"""Gossip node rules and measures (fedens/decentralized/rules.py, docs/methods.md#gossip-vca and #gossip-swarm)."""
 
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def test_vca_leaves_buffers_one_element_and_precisions_at_plain_mix():
 
 
 def test_vca_restores_vanishing_variance_of_four_uncorrelated_layers():
-    # METHODS 1: 4 uncorrelated 32x16 layers, plain average ~0.029 vs members' ~0.111 (1/4), corrected back.
+    # docs/methods.md#vca: 4 uncorrelated 32x16 layers, plain average ~0.029 vs members' ~0.111 (1/4), corrected back.
     rng = np.random.default_rng(0)
     nodes = [{"w": rng.normal(0, 1 / 3, (32, 16)).astype(np.float32)} for _ in range(4)]
     own, r = nodes[0], {j: nodes[j] for j in (1, 2, 3)}

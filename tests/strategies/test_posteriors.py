@@ -1,4 +1,4 @@
-"""Aggregating diagonal Gaussian posteriors (METHODS.md section 4): ``posterior_avg``,
+"""Aggregating diagonal Gaussian posteriors (docs/methods.md#posterior-avg and after): ``posterior_avg``,
 ``posterior_product``, ``uncertainty_merge``."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_posterior_product_floor_and_global_prior():
 
 
 def test_uncertainty_merge_equal_precisions_is_the_plain_average():
-    """METHODS: plain averaging is a special case (equal H_t, alpha = 1/K)."""
+    """docs/methods.md#uncertainty-merge: plain averaging is a special case (equal H_t, alpha = 1/K)."""
     rng = np.random.default_rng(3)
     theta0, h0 = rng.normal(size=(4, 3)), rng.uniform(0.1, 5, (4, 3))
     thetas, h = [rng.normal(size=(4, 3)) for _ in range(3)], rng.uniform(1, 9, (4, 3))

@@ -1,4 +1,4 @@
-"""``vca``: variance-corrected model averaging (strategies/vca.py, METHODS.md section 1)."""
+"""``vca``: variance-corrected model averaging (strategies/vca.py, docs/methods.md#vca)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_identical_clients_give_exactly_the_plain_average():
 
 
 def test_reference_measurement_vanishing_variance_is_undone():
-    """METHODS.md: 4 uncorrelated 32x16 layers; the plain average has about a quarter of the
+    """docs/methods.md#vca: 4 uncorrelated 32x16 layers; the plain average has about a quarter of the
     members' variance (0.029 vs 0.111), the corrected average is back at 0.111."""
     rng = np.random.default_rng(2024)
     arrays = [{"fc.weight": rng.normal(0, 1 / 3, (32, 16)).astype(np.float32)} for _ in range(4)]

@@ -188,7 +188,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         own = gossip_node.own_model(context.state, inp.init)
         ctx = GossipContext(node=pid, scores=inp.scores, num_examples={**inp.sizes, pid: len(data.train)})
         if "rule" not in reusable:  # rules are frozen dataclasses: no state between calls
-            reusable["rule"] = make_rule(scn.gossip.rule, scn.gossip.params)
+            reusable["rule"] = make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir)
         rule = reusable["rule"]
         trained, metrics = gossip_node.gossip_step(
             learner, rule, own, inp.received, ctx, data.train, data.val, scn.seed, message_round(msg),

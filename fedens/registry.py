@@ -59,12 +59,14 @@ class Registry(Generic[T]):
             known = ", ".join(self.names()) or "none"
             raise PluginError(f"unknown {self.kind} {name!r} (known: {known})") from None
 
-    def resolve(self, ref: str) -> T:
-        """A registered name, or a plug-in reference (``pkg.mod:Name``, ``file.py:Name``)."""
+    def resolve(self, ref: str, base_dir: Path | None = None) -> T:
+        """A registered name, or a plug-in reference (``pkg.mod:Name``, ``file.py:Name``; a
+        relative file against ``base_dir``, the scenario's folder, first). The one resolver of
+        every kind: learners, strategies, gossip rules and datasets."""
         if ref in self._items:
             return self._items[ref]
         if ":" in ref:
-            return load_object(ref)  # type: ignore[return-value]
+            return load_object(ref, base_dir)  # type: ignore[return-value]
         return self.get(ref)
 
 

@@ -565,7 +565,7 @@ def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_opt
         if getattr(scn, key) != Scenario.model_fields[key].default:
             raise ScenarioError(f"{label}: {key}: not used in decentralized mode; use gossip.active_fraction")
     try:
-        rule = make_rule(scn.gossip.rule, scn.gossip.params)
+        rule = make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: gossip.rule: {err}") from None
     except ValueError as err:

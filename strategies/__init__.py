@@ -17,14 +17,14 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedens.registry import PluginError, Registry, load_object
+from fedens.registry import PluginError, Registry
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
 def resolve_strategy(name: str, base_dir: Path | None = None) -> type[Strategy]:
     """The Strategy class for a registered name or a plug-in reference."""
-    cls = STRATEGIES.get(name) if name in STRATEGIES or ":" not in name else load_object(name, base_dir)
+    cls = STRATEGIES.resolve(name, base_dir)
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
         raise PluginError(f"{name!r} is not a subclass of flwr.serverapp.strategy.Strategy")
     if inspect.isabstract(cls):

@@ -125,3 +125,27 @@ def test_fedens_version(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"fedens {fedens.__version__}"
+
+
+def test_every_plugin_kind_resolves_a_file_against_the_scenario_folder(tmp_path, monkeypatch):
+    """Learners, strategies and gossip rules by ``file.py:Class`` all resolve relative to the
+    scenario's folder, not the working directory (gossip rules used to look in the latter)."""
+    import fedens
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "my_rule.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from fedens.decentralized.rules import Average\n"
+        "@dataclass(frozen=True)\n"
+        "class Half(Average):\n"
+        "    self_weight: float = 0.5\n")
+    (folder / "s.yaml").write_text("rounds: 1\nmode: decentralized\ndata: {num_clients: 3}\n"
+                                   "gossip: {rule: my_rule.py:Half}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert fedens.load(folder / "s.yaml").gossip.rule == "my_rule.py:Half"
+    (folder / "s.yaml").write_text("rounds: 1\nmode: decentralized\ndata: {num_clients: 3}\ngossip: {rule: nope.py:Half}\n")
+    with pytest.raises(fedens.ScenarioError, match="nope.py"):
+        fedens.load(folder / "s.yaml")

@@ -251,7 +251,7 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
     meter = GossipMeter(scn, data, recorder, on_round)
     fgrid = FedensGrid(grid, scn.seed, meter.rounds, scn.round_timeout_s)
     node_of = {pid: node for node, pid in fgrid.discover(n).items()}
-    swarm = isinstance(make_rule(scn.gossip.rule, scn.gossip.params), Swarm)
+    swarm = isinstance(make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir), Swarm)
     adj0 = build_graph(scn.topology, n, scn.seed, 0)
     title = f"{scn.topology.kind}, {n} nodes, {num_edges(adj0)} edges" + (" (round 0; resampled every round)" if scn.topology.resample else "")
 

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -159,9 +160,10 @@ class GossipRule:
 GOSSIP_RULES: Registry[type[GossipRule]] = Registry("gossip rule")
 
 
-def make_rule(name: str, params: Mapping[str, Any] | None = None) -> GossipRule:
-    """``GOSSIP_RULES.resolve(name)(**params)``; a wrong option is a one-line ``ValueError``."""
-    cls = GOSSIP_RULES.resolve(name)
+def make_rule(name: str, params: Mapping[str, Any] | None = None, base_dir: Path | None = None) -> GossipRule:
+    """``GOSSIP_RULES.resolve(name, base_dir)(**params)`` (a plug-in file relative to the
+    scenario's folder, as for learners and strategies); a wrong option is a one-line ``ValueError``."""
+    cls = GOSSIP_RULES.resolve(name, base_dir)
     try:
         return cls(**dict(params or {}))
     except TypeError as err:

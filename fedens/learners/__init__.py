@@ -12,7 +12,7 @@ import inspect
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
-from fedens.registry import PluginError, Registry, load_object
+from fedens.registry import PluginError, Registry
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -29,7 +29,7 @@ def resolve_learner(kind: str, base_dir: Path | None = None) -> type[Learner]:
     """The Learner class for a registered name or a plug-in reference."""
     from fedens.learners.base import Learner
 
-    cls = LEARNERS.get(kind) if kind in LEARNERS or ":" not in kind else load_object(kind, base_dir)
+    cls = LEARNERS.resolve(kind, base_dir)
     if not (inspect.isclass(cls) and issubclass(cls, Learner)) or inspect.isabstract(cls):
         raise PluginError(f"{kind!r} is not a concrete subclass of fedens.learners.base.Learner")
     return cls

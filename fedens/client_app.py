@@ -26,12 +26,12 @@ from flwr.clientapp import ClientApp
 
 from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
-from fedens.faults import DELAY_KEY, Faults, InjectedCrash, attack, draw, flip_labels, poison
+from fedens.faults import Faults, InjectedCrash, attack, draw, flip_labels, poison
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
 from fedens.objectives import objective_from_config
-from fedens.payload import ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
+from fedens.payload import DELAY_KEY, ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed, seed_torch, seeded_generator
 

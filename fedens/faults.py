@@ -6,7 +6,7 @@ Per train (or gossip) message of client ``k`` in round ``r``, from its own rando
 
 - crashes: it raises before training, so the server gets an error reply (``failures``);
 - straggles: its reply is ``straggler_delay_s`` late; when that is past ``round_timeout_s`` the
-  grid drops it (``stragglers``). The delay is simulated: the reply carries it (``DELAY_KEY``)
+  grid drops it (``stragglers``). The delay is simulated: the reply carries it (``fedens.payload.DELAY_KEY``)
   instead of the actor sleeping, so a straggler does not hold up the clients queued behind it
   on the same actor (which a real deployment would not do) and the drop is deterministic. A
   client that is really slower than ``round_timeout_s`` is dropped by the wall clock as well;
@@ -36,7 +36,6 @@ from fedens.data.base import ArrayDataset
 from fedens.scenario import FaultsConfig
 from fedens.seeding import derive_seed
 
-DELAY_KEY = "fedens.injected_delay_s"  # a straggler's simulated delay, in its reply's metrics
 STREAM = 0xFA17  # keeps the fault draws apart from training's streams of the same (seed, round, client)
 
 Arrays = dict[str, np.ndarray]

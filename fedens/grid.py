@@ -31,8 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from fedens.faults import DELAY_KEY
-from fedens.payload import ROUND_KEY, NpyArray, record_nbytes, records_of
+from fedens.payload import DELAY_KEY, ROUND_KEY, NpyArray, record_nbytes, records_of
 from fedens.seeding import derive_seed
 
 log = logging.getLogger("fedens")

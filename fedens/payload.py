@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 T = TypeVar("T")
 ROUND_KEY = "fedens"  # a ConfigRecord the fedens grid adds to every message: {"round": r}
+DELAY_KEY = "fedens.injected_delay_s"  # an injected straggler's simulated delay, in its reply's metrics
 
 
 class NpyArray(Array):

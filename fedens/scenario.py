@@ -22,7 +22,16 @@ from fedens.registry import PluginError
 
 
 class ScenarioError(ValueError):
-    """An invalid scenario or usage. ``str(err)`` is one line: ``file: key.path: problem``."""
+    """An invalid scenario or usage. ``str(err)`` is one line: ``file: key.path: problem``.
+    Control characters (a key or value may hold any, also line breaks such as U+001E) are
+    written as escapes, so the message stays one line whatever the input."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(_one_line(str(message)))
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _Strict(BaseModel):

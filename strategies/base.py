@@ -30,9 +30,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedens.algorithms.arrays import Arrays, join_posterior, split_members, split_posterior, weighted_average  # noqa: F401
 from fedens.payload import from_record, to_record
 
-Arrays = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -152,41 +152,3 @@ class FedensStrategy(FedAvg):
         n = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents])
         new = self.aggregate_arrays(server_round, arrays, n / n.sum())
         return to_record(new), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-
-
-def weighted_average(arrays: list[Arrays], weights: np.ndarray) -> Arrays:
-    """``sum_k w_k a_k`` for every name (float64 accumulation, cast back to the input dtype)."""
-    out = {}
-    for name, first in arrays[0].items():
-        acc = sum(w * a[name].astype(np.float64) for a, w in zip(arrays, weights))
-        out[name] = np.asarray(acc).astype(first.dtype)
-    return out
-
-
-def split_posterior(arrays: Arrays) -> tuple[Arrays, Arrays, Arrays]:
-    """``(means, precisions, rest)``: ``mean.<n>`` and ``precision.<n>`` keyed by ``<n>``."""
-    means = {k[5:]: v for k, v in arrays.items() if k.startswith("mean.")}
-    precs = {k[10:]: v for k, v in arrays.items() if k.startswith("precision.")}
-    rest = {k: v for k, v in arrays.items() if not k.startswith(("mean.", "precision."))}
-    return means, precs, rest
-
-
-def join_posterior(means: Arrays, precisions: Arrays, rest: Arrays | None = None) -> Arrays:
-    """Inverse of ``split_posterior``."""
-    out = {f"mean.{k}": v for k, v in means.items()}
-    out.update({f"precision.{k}": v for k, v in precisions.items()})
-    out.update(rest or {})
-    return out
-
-
-def split_members(arrays: Arrays) -> tuple[dict[int, Arrays], Arrays]:
-    """``({k: {name: array}}, shared)`` from ``member.{k}.<name>`` and plain names."""
-    members: dict[int, Arrays] = {}
-    shared: Arrays = {}
-    for key, value in arrays.items():
-        if key.startswith("member."):
-            _, k, name = key.split(".", 2)
-            members.setdefault(int(k), {})[name] = value
-        else:
-            shared[key] = value
-    return members, shared

@@ -48,58 +48,24 @@ from typing import Any
 import numpy as np
 
 from strategies import STRATEGIES
+from fedens.algorithms.vca import TARGETS, check_params, is_corrected, target_variance, tensor_var, variance_correct  # noqa: F401
 from strategies.base import Arrays, FedensStrategy, weighted_average
-
-TARGETS = ("others", "self", "conservative")
-_NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def tensor_var(x: np.ndarray) -> float:
-    """Unbiased variance over all elements (``torch.var``'s default, ``np.var(ddof=1)``)."""
-    return float(np.var(np.asarray(x, dtype=np.float64), ddof=1))
-
-
-def variance_correct(avg: np.ndarray, target_var: float, eps: float = 1e-4) -> np.ndarray:
-    """``(avg - mean) * sqrt((target_var + eps) / (Var(avg) + eps)) + mean`` in float64."""
-    a = np.asarray(avg, dtype=np.float64)
-    mean, var = a.mean(), tensor_var(a)
-    if var + eps <= 0:  # eps = 0 and no spread: nothing to rescale
-        return a.copy()
-    return (a - mean) * np.sqrt((target_var + eps) / (var + eps)) + mean
-
-
-def is_corrected(name: str, array: np.ndarray) -> bool:
-    """Whether ``vca`` rescales the tensor ``name`` (module docstring)."""
-    return (
-        np.issubdtype(array.dtype, np.floating)
-        and array.size > 1
-        and not name.startswith("precision.")
-        and not name.endswith(".filled")
-        and not any(s in name for s in _NORM_STATS)
-    )
-
 
 class VarianceCorrectedAveraging(FedensStrategy):
     """FedAvg followed by per-tensor variance correction (VCMA)."""
 
     def __init__(self, target: str = "others", eps: float = 1e-4, c: float = 0.5, **fedavg_kwargs: Any) -> None:
-        if target not in TARGETS:
-            raise ValueError(f"vca: target must be one of {', '.join(TARGETS)}, got {target!r}")
-        if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps >= 0):
-            raise ValueError(f"vca: eps must be a finite number >= 0, got {eps!r}")
-        if not (isinstance(c, (int, float)) and 0 <= c <= 1):
-            raise ValueError(f"vca: c must be in [0, 1], got {c!r}")
+        check_params(target, c, eps)
         super().__init__(**fedavg_kwargs)
         self.target, self.eps, self.c = target, float(eps), float(c)
 
     def target_var(self, name: str, arrays: list[Arrays]) -> float:
-        others = float(np.mean([tensor_var(a[name]) for a in arrays]))
-        if self.target == "others":
-            return others
-        if self.global_arrays is None or name not in self.global_arrays:
-            raise ValueError(f"vca: target {self.target!r} needs the round's global tensor {name!r} (none was sent)")
-        own = tensor_var(self.global_arrays[name])
-        return own if self.target == "self" else self.c * own + (1 - self.c) * others
+        own = None
+        if self.target != "others":
+            if self.global_arrays is None or name not in self.global_arrays:
+                raise ValueError(f"vca: target {self.target!r} needs the round's global tensor {name!r} (none was sent)")
+            own = self.global_arrays[name]
+        return target_variance(self.target, self.c, own, [a[name] for a in arrays])
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         out = weighted_average(arrays, weights)

@@ -99,3 +99,12 @@ def test_validate_accepts_or_refuses_in_one_line(text: str, capsys: pytest.Captu
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-2000:]
         assert len(lines[0]) < 2000, lines[0][:300]
+
+
+def test_a_key_with_a_line_separator_is_escaped_in_the_one_line_error(tmp_path, capsys):
+    """Found by the generator: U+001E (a line boundary for str.splitlines) in a key."""
+    path = tmp_path / "s.yaml"
+    path.write_text('rounds: 2\nstrategy:\n  "\\x1E\\u2028": 0\n', encoding="utf-8")
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "\\x1e" in err and "unknown key" in err, err

@@ -26,7 +26,7 @@ Rules (``GOSSIP_RULES``; frozen dataclasses of options, checked on construction;
 ``vca``
     Variance-corrected model averaging as in docs/methods.md#gossip-vca (Tian et al., arXiv
     2404.04616; the authors' public code): per tensor l, ``avg = mean_j W_j,l`` over the
-    received models, ``out = c W_own,l + (1 - c) avg`` (``c = conservative``, preset 0.5), then
+    received models, ``out = c W_own,l + (1 - c) avg`` (``c``, preset 0.5), then
     ``out = (out - mean(out)) sqrt((tgt + eps) / (Var(out) + eps)) + mean(out)`` (eps 1e-4, Var
     unbiased over all elements) with ``tgt`` = ``others``: ``mean_j Var(W_j,l)`` (default),
     ``self``: ``Var(W_own,l)``, ``conservative``: ``c Var(W_own,l) + (1 - c) others``.
@@ -72,9 +72,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedens.registry import Registry
-from strategies.base import split_members
-from strategies.swarm import allocate_slots, check_params, fill_slots, swarm_consensus
-from strategies.vca import TARGETS, is_corrected, tensor_var, variance_correct
+from fedens.algorithms import vca
+from fedens.algorithms.arrays import split_members
+from fedens.algorithms.swarm import DEFAULTS, allocate_slots, check_params, fill_slots, swarm_consensus
+from fedens.algorithms.vca import is_corrected, tensor_var, variance_correct
 
 Arrays = dict[str, np.ndarray]
 Facts = dict[str, float]
@@ -164,6 +165,8 @@ def make_rule(name: str, params: Mapping[str, Any] | None = None, base_dir: Path
     """``GOSSIP_RULES.resolve(name, base_dir)(**params)`` (a plug-in file relative to the
     scenario's folder, as for learners and strategies); a wrong option is a one-line ``ValueError``."""
     cls = GOSSIP_RULES.resolve(name, base_dir)
+    if cls is VarianceCorrected and "conservative" in (params or {}):
+        raise ValueError("gossip rule 'vca': 'conservative' is now 'c', the name the vca strategy uses")
     try:
         return cls(**dict(params or {}))
     except TypeError as err:
@@ -211,31 +214,22 @@ class Average(GossipRule):
 class VarianceCorrected(GossipRule):
     """VCMA per node (module docstring; docs/methods.md#gossip-vca)."""
 
-    conservative: float = 0.5
+    c: float = 0.5  # the own model's weight in the mix, and in the "conservative" target
     target: str = "others"
     eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.conservative, (int, float)) and 0 <= self.conservative <= 1):
-            raise ValueError(f"vca: conservative must be in [0, 1], got {self.conservative!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"vca: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if not (isinstance(self.eps, (int, float)) and np.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"vca: eps must be a finite number >= 0, got {self.eps!r}")
+        vca.check_params(self.target, self.c, self.eps)
 
     def target_var(self, own: np.ndarray, others: Sequence[np.ndarray]) -> float:
         """The target variance of one tensor from the UNMIXED own tensor and the received ones."""
-        follow = float(np.mean([tensor_var(x) for x in others]))
-        if self.target == "others":
-            return follow
-        mine = tensor_var(own)
-        return mine if self.target == "self" else self.conservative * mine + (1 - self.conservative) * follow
+        return vca.target_variance(self.target, self.c, own, others)
 
     def __call__(self, own: Arrays, received: Mapping[int, Arrays], ctx: GossipContext) -> tuple[Arrays, Facts]:
         senders = _senders(received)
         if not senders:
             return _copy(own), {"received": 0.0, "vca_scale": 1.0}
-        c, n = float(self.conservative), len(senders)
+        c, n = float(self.c), len(senders)
         models = [own, *(received[j] for j in senders)]
         out = _mix64(models, [c] + [(1 - c) / n] * n)
         scales = []
@@ -256,12 +250,12 @@ class VarianceCorrected(GossipRule):
 class Swarm(GossipRule):
     """Swarm consensus over the closed neighbourhood (module docstring; docs/methods.md#gossip-swarm)."""
 
-    k: int = 3
-    T: int = 10
-    tau: float = 0.1
-    omega: float = 0.5
-    phi1: float = 0.3
-    phi2: float = 0.2
+    k: int = DEFAULTS["k"]
+    T: int = DEFAULTS["T"]
+    tau: float = DEFAULTS["tau"]
+    omega: float = DEFAULTS["omega"]
+    phi1: float = DEFAULTS["phi1"]
+    phi2: float = DEFAULTS["phi2"]
 
     def __post_init__(self) -> None:
         check_params(self.k, self.T, self.tau, self.omega, self.phi1, self.phi2)

@@ -35,7 +35,9 @@ def model(w: np.ndarray, **extra: np.ndarray) -> dict[str, np.ndarray]:
 
 def test_registry_and_options():
     assert GOSSIP_RULES.names() == ["average", "swarm", "vca"]
-    assert make_rule("vca", {"conservative": 0.3}) == VarianceCorrected(conservative=0.3)
+    assert make_rule("vca", {"c": 0.3}) == VarianceCorrected(c=0.3)
+    with pytest.raises(ValueError, match="'conservative' is now 'c'"):
+        make_rule("vca", {"conservative": 0.3})
     with pytest.raises(ValueError, match="gossip rule 'average'"):
         make_rule("average", {"alpha": 1})
     with pytest.raises(ValueError, match="target"):
@@ -109,7 +111,7 @@ def test_vca_targets_documented_values():
     received = [r[1]["w"], r[2]["w"]]
     assert VarianceCorrected().target_var(own["w"], received) == pytest.approx(others)
     assert VarianceCorrected(target="self").target_var(own["w"], received) == pytest.approx(4 / 3)
-    cons = VarianceCorrected(target="conservative", conservative=0.3).target_var(own["w"], received)
+    cons = VarianceCorrected(target="conservative", c=0.3).target_var(own["w"], received)
     assert cons == pytest.approx(0.3 * 4 / 3 + 0.7 * others)
 
 
@@ -136,7 +138,7 @@ def test_vca_default_eps_formula():
 
 def test_vca_conservative_weight():
     own, r = three_nodes()
-    out, _ = VarianceCorrected(conservative=0.0, eps=0.0)(own, r, CTX)  # pure average of the received
+    out, _ = VarianceCorrected(c=0.0, eps=0.0)(own, r, CTX)  # pure average of the received
     mixed = (r[1]["w"] + r[2]["w"]) / 2
     assert out["w"].mean() == pytest.approx(mixed.mean())
     np.testing.assert_allclose(out["w"] - out["w"].mean(), (mixed - mixed.mean()) * np.sqrt(
@@ -186,7 +188,7 @@ def test_vca_restores_vanishing_variance_of_four_uncorrelated_layers():
     members = np.mean([tensor_var(n["w"]) for n in nodes])
     plain, _ = Average()(own, r, CTX)  # the mean of the 4
     assert tensor_var(plain["w"]) / members == pytest.approx(0.25, abs=0.03)
-    out, _ = VarianceCorrected(conservative=0.25)(own, r, CTX)  # the same mix, corrected
+    out, _ = VarianceCorrected(c=0.25)(own, r, CTX)  # the same mix, corrected
     np.testing.assert_allclose(out["w"].mean(), plain["w"].mean(), atol=1e-6)
     tgt, var, eps = np.mean([tensor_var(r[j]["w"]) for j in r]), tensor_var(plain["w"]), 1e-4
     assert tensor_var(out["w"]) == pytest.approx((tgt + eps) * var / (var + eps), rel=1e-5)  # ~tgt, eps aside

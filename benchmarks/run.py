@@ -89,12 +89,28 @@ CLAIMS = [
           "(-0.013). On the shifted test set the order reverses (shift ECE +0.059 for LoRA-Ensemble)."),
     Claim("ivon", "ivon", "IVON matches SGD's accuracy at the same cost and is better calibrated",
           "Shen et al. 2024", [("ivon", "sgd"), ("ivon", "sgd_at_ivon_lr")],
-          [Check("test_accuracy", "not lower"), Check("test_ece", "lower")]),
+          [Check("test_accuracy", "not lower"), Check("test_ece", "lower")],
+          reading="Does not hold with fedens' IVON defaults on this network. IVON's default learning rate (0.5, chosen "
+          "on the digits MLP, where IVON matched SGD) is too large for the 1-D CNN: accuracy climbs and then collapses "
+          "on some seeds (seed 1: 0.74 at round 25, 0.17 at round 30; seed 3's training loss reached 4e8, which the "
+          "divergence check now reports), ending at 0.36 +- 0.30 against SGD's 0.82. SGD at the same learning rate "
+          "does not train at all (0.10 on every seed), so the step size, not the variational part, is what fails; "
+          "against it IVON is far ahead. Nothing was tuned (this suite's rule); the fair next check is the same "
+          "learning-rate search on validation data for both optimisers."),
     Claim("ivon_admm", "admm", "IVON-ADMM reaches at least the accuracy of FedAvg, FedProx, FedDyn and FedLap under "
           "strong heterogeneity", "Möllenhoff et al. 2025",
-          [("ivon_admm", b) for b in ("fedavg", "fedprox", "feddyn", "fedlap")], [Check("test_accuracy", "not lower")]),
+          [("ivon_admm", b) for b in ("fedavg", "fedprox", "feddyn", "fedlap")], [Check("test_accuracy", "not lower")],
+          reading="Does not hold here: IVON-ADMM diverged on 4 of 5 seeds (training loss above 100 log C between rounds 7 "
+          "and 22) and reached 0.28 on the fifth. It runs the IVON learner with the strategy's documented settings "
+          "(hess_init 1.0, lr 0.5, damping 0.1, all chosen on digits), and inherits the instability that the IVON "
+          "claim shows on this network; the ADMM step itself is tested exactly on small problems "
+          "(tests/strategies/test_ivon_admm.py). Among the deterministic methods, FedDyn is the most accurate "
+          "(+10 points over FedAvg, interval [-6, +26]) and the worst calibrated (ECE 0.12 against 0.05)."),
     Claim("fedlap_cov", "admm", "FedLap-Cov improves on FedLap", "Swaroop et al. 2025", [("fedlap_cov", "fedlap")],
-          [Check("test_accuracy", "higher")]),
+          [Check("test_accuracy", "higher")],
+          reading="Holds: FedLap-Cov is 9.5 points [5.3, 13.8] more accurate than FedLap on every seed, at twice the "
+          "bytes (it also sends the diagonal precision) and about 4x the wall time (the exact diagonal GGN on every client). "
+          "Both trail FedAvg with their default parameters here (FedLap -15 points, FedLap-Cov -5.6)."),
     Claim("posteriors", "posteriors", "Posterior merging and FedBE give a better calibrated global model than FedAvg",
           "Daheim et al. 2024 (posterior merging), Chen & Chao 2021 (FedBE)",
           [(v, "fedavg") for v in ("posterior_avg", "posterior_product", "uncertainty_merge", "fedbe", "ivon_fedavg")],

@@ -37,6 +37,9 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((probs - onehot) ** 2).sum(1).mean())
 
 
+METRIC_KEYS = ("accuracy", "nll", "ece", "brier")  # what classification_metrics reports, in every scope
+
+
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> dict[str, float]:
     """Accuracy, NLL, ECE and Brier of ``probs`` ``(batch, classes)`` against ``labels`` ``(batch,)``."""
     probs = probs.detach().double().cpu()

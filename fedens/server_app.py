@@ -26,7 +26,7 @@ from fedens.decentralized.engine import run_gossip
 from fedens.grid import Diverged, FedensGrid, RoundTraffic, exploded, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
-from fedens.metrics import classification_metrics, ensemble_metrics, ood_auroc, reliability_bins, uncertainty_scores
+from fedens.metrics import METRIC_KEYS, classification_metrics, ensemble_metrics, ood_auroc, reliability_bins, uncertainty_scores
 from fedens.payload import from_record, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import Scenario
@@ -37,7 +37,6 @@ from strategies.base import REJECTED_KEY
 log = logging.getLogger("fedens")
 
 RoundCallback = Callable[[int, list[dict[str, Any]]], None]
-METRIC_KEYS = ("accuracy", "nll", "ece", "brier")
 # For the worst client: lowest accuracy, highest NLL / ECE / Brier.
 WORST = {"accuracy": min, "nll": max, "ece": max, "brier": max}
 

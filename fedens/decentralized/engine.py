@@ -74,7 +74,7 @@ from fedens.decentralized.topology import build_graph, neighbours, num_edges, pl
 from fedens.grid import Diverged, FedensGrid, exploded, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
-from fedens.metrics import classification_metrics, reliability_bins
+from fedens.metrics import METRIC_KEYS, classification_metrics, reliability_bins
 from fedens.payload import from_record, record_nbytes, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import Scenario
@@ -84,7 +84,6 @@ log = logging.getLogger("fedens")
 
 Arrays = dict[str, np.ndarray]
 RoundCallback = Callable[[int, list[dict[str, Any]]], None]
-METRIC_KEYS = ("accuracy", "nll", "ece", "brier")
 _INIT_TAG, _MAILBOX_TAG, _EVAL_TAG = 3, 4, 2**32
 
 

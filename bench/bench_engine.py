@@ -201,7 +201,7 @@ def main() -> None:
         costs = {}
         for name, ov in (("none", ["fraction_evaluate=0", "evaluate.every=40"]), ("central", ["fraction_evaluate=0"]),
                          ("central + clients", [])):
-            costs[name] = statistics.median(steady_round(s.run(QUICKSTART, ov + ["rounds=40"], out=tmp / f"eval{name[:4]}{i}").rows)
+            costs[name] = statistics.median(steady_round(s.run(QUICKSTART, ov + ["rounds=40"], out=tmp / f"eval-{name.replace(' ', '')}-{i}").rows)
                                             for i in range(reps))
         line("training only", f"{1000 * costs['none']:.1f} ms")
         line("+ central evaluation (test, shifted, noise sets)", f"+{1000 * (costs['central'] - costs['none']):.1f} ms")

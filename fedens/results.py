@@ -263,7 +263,7 @@ class RunRecorder:
                            self.dir / "reliability.png")
             if self._board is not None:
                 self._board.images(sorted(self.dir.glob("*.png")))
-        except Exception as err:  # noqa: BLE001  a plot must not turn a finished run into a crash
+        except Exception as err:  # a plot must not turn a finished run into a crash
             logging.getLogger("fedens").warning("plots not written: %s: %s", type(err).__name__, err, exc_info=True)
             print(f"warning: plots not written ({type(err).__name__}: {err}); see run.log", file=sys.stderr)
         finally:

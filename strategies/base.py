@@ -93,7 +93,7 @@ class FedensStrategy(FedAvg):
         (for a strategy that sends messages of its own) and the arrays training starts from."""
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              **kwargs: Any):  # noqa: ANN201
+              **kwargs: Any) -> Any:
         """Flower's loop, for use outside fedens (fedens runs its own, resumable, loop)."""
         self.begin(grid, initial_arrays, timeout)
         return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)

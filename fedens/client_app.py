@@ -26,12 +26,12 @@ from flwr.clientapp import ClientApp
 
 from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
-from fedens.faults import Faults, InjectedCrash, attack, draw, flip_labels, poison
+from fedens.faults import Faults, InjectedCrash, corrupt, draw, flip_labels
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
 from fedens.objectives import objective_from_config
-from fedens.payload import DELAY_KEY, ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
+from fedens.payload import ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed, seed_torch, seeded_generator
 
@@ -125,10 +125,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             trained.update(learner.objective.reply_arrays())
         metrics.update({"num-examples": len(data), "train_time_s": time.perf_counter() - t0})
         if f.any:  # injected faults change only what is sent: the client's own state stays honest
-            trained = attack(trained, global_arrays, f)
-            trained = poison(trained) if f.nan else trained
-            if f.delay_s > 0:  # a straggler, in simulated time (the grid drops it past round_timeout_s)
-                metrics[DELAY_KEY] = f.delay_s
+            trained = corrupt(trained, global_arrays, f, metrics)
         content = RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
@@ -196,10 +193,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         )
         gossip_node.store(context.state, to_record(trained))  # its own copy: the reply is sent away
         if f.any:  # what the neighbours get: attacked relative to the node's model before the step
-            trained = attack(trained, own, f)
-            trained = poison(trained) if f.nan else trained
-            if f.delay_s > 0:
-                metrics[DELAY_KEY] = f.delay_s
+            trained = corrupt(trained, own, f, metrics)
         record = to_record(trained)
         return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -6,7 +6,7 @@ Per train (or gossip) message of client ``k`` in round ``r``, from its own rando
 
 - crashes: it raises before training, so the server gets an error reply (``failures``);
 - straggles: its reply is ``straggler_delay_s`` late; when that is past ``round_timeout_s`` the
-  grid drops it (``stragglers``). The delay is simulated: the reply carries it (``fedens.payload.DELAY_KEY``)
+  grid drops it (``stragglers``). The delay is simulated: the reply carries it (``fedens.payload.DELAY_KEY``, set by ``corrupt``)
   instead of the actor sleeping, so a straggler does not hold up the clients queued behind it
   on the same actor (which a real deployment would not do) and the drop is deterministic. A
   client that is really slower than ``round_timeout_s`` is dropped by the wall clock as well;
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedens.data.base import ArrayDataset
+from fedens.payload import DELAY_KEY
 from fedens.scenario import FaultsConfig
 from fedens.seeding import derive_seed
 
@@ -114,3 +115,13 @@ ATTACKS = {
 def poison(arrays: Arrays) -> Arrays:
     """Every floating-point array filled with NaN (``faults.nan_prob``)."""
     return {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()}
+
+
+def corrupt(trained: Arrays, sent: Mapping[str, np.ndarray], f: Faults, metrics: dict) -> Arrays:
+    """What a client with faults ``f`` sends instead of ``trained``: the attack, then NaN; a
+    straggler's delay goes into ``metrics`` (``DELAY_KEY``), where the grid reads it."""
+    out = attack(trained, sent, f)
+    out = poison(out) if f.nan else out
+    if f.delay_s > 0:
+        metrics[DELAY_KEY] = f.delay_s
+    return out

@@ -32,7 +32,7 @@ from fedens.results import RunRecorder
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed
 from strategies import build_strategy, resolve_strategy
-from strategies.base import REJECTED_KEY
+from strategies.base import REJECTED_KEY, round_facts
 
 log = logging.getLogger("fedens")
 
@@ -126,13 +126,13 @@ def run_rounds(strategy: Strategy, grid: FedensGrid, arrays: ArrayRecord, first:
         grid.begin_round(first)
     for current in range(first, num_rounds + 1):
         replies = grid.send_and_receive(strategy.configure_train(current, arrays, train_config, grid), timeout=grid.timeout)
-        new_arrays, _ = strategy.aggregate_train(current, replies)
+        new_arrays, train_metrics = strategy.aggregate_train(current, replies)
         if new_arrays is not None:
             arrays = new_arrays
         replies = grid.send_and_receive(strategy.configure_evaluate(current, arrays, evaluate_config, grid),
                                         timeout=grid.timeout)
         strategy.aggregate_evaluate(current, replies)
-        evaluate_fn(current, arrays, strategy)
+        evaluate_fn(current, arrays, round_facts(train_metrics))
 
 
 class RoundEvaluator:
@@ -154,7 +154,9 @@ class RoundEvaluator:
         self.recorder, self.on_round, self.strategy = recorder, on_round, strategy
         self.rounds = evaluation_rounds(scn)
 
-    def __call__(self, server_round: int, arrays: ArrayRecord, strategy: object | None = None) -> MetricRecord | None:
+    def __call__(self, server_round: int, arrays: ArrayRecord, facts: dict[str, Any] | None = None) -> MetricRecord | None:
+        """``facts``: what the strategy returned about the round (``strategies.base.with_facts``),
+        for the train row; none under a strategy's own loop (Flower's ``evaluate_fn(round, arrays)``)."""
         traffic = self.grid.take_traffic()
         now = round(time.time() - self.recorder.started, 3)
         rows: list[dict[str, Any]] = []
@@ -162,12 +164,9 @@ class RoundEvaluator:
         bad = [k for k, a in named.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
         if server_round > 0:
             # a fedens strategy's own facts of the round (e.g. consensus steps) join the train row
-            extra = getattr(self.strategy, "server_metrics", None) or {}
-            row = {"round": server_round, "scope": "train", "time_s": now, **train_row(traffic), **extra}
+            row = {"round": server_round, "scope": "train", "time_s": now, **train_row(traffic), **(facts or {})}
             row["rejected"] += row.pop(REJECTED_KEY, 0)  # the strategy's own rejections count as rejected too
             rows.append(row)
-            if extra:
-                self.strategy.server_metrics = {}
             if traffic.evaluate:
                 rows.append({"round": server_round, "scope": "clients", "time_s": now, **clients_row(traffic)})
             report_failures(server_round, traffic)
@@ -199,7 +198,7 @@ class RoundEvaluator:
         every = self.scn.output.checkpoint_every
         if server_round > 0 and every and server_round % every == 0 and server_round < self.scn.rounds:
             save_checkpoint(self.recorder.dir, ResumeState(
-                round=server_round, rows=len(self.recorder.rows), arrays=named, strategy=strategy,
+                round=server_round, rows=len(self.recorder.rows), arrays=named, strategy=self.strategy,
                 node_states=self.grid.node_states(), rng=rng_states(), reliability=self.recorder.reliability))
         self.grid.begin_round(server_round + 1)
         return result

@@ -46,7 +46,21 @@ class ServerContext:
     seed: int
 
 
+FACT = "fedens.fact."  # metrics aggregate_train returns under this prefix are facts of the round: the train row gets them
 REJECTED_KEY = "rejected_by_strategy"  # replies reject_reason left out this round (added to the row's rejected)
+
+
+def with_facts(metrics: MetricRecord | None, facts: dict[str, Any]) -> MetricRecord:
+    """``metrics`` (what aggregate_train returns) plus the round's ``facts`` under ``FACT``."""
+    out = metrics if metrics is not None else MetricRecord()
+    for key, value in facts.items():
+        out[FACT + key] = value
+    return out
+
+
+def round_facts(metrics: MetricRecord | None) -> dict[str, Any]:
+    """The facts a strategy returned with ``with_facts``, without the prefix."""
+    return {k[len(FACT):]: v for k, v in (metrics or {}).items() if k.startswith(FACT)}
 log = logging.getLogger("fedens")
 
 
@@ -61,9 +75,6 @@ class FedensStrategy(FedAvg):
         # node ids under a plain Flower grid), for strategies that keep per-client state.
         self.reply_partitions: list[int] = []
         self._partition_of: dict[int, int] = {}
-        # Facts of the latest aggregation (e.g. consensus steps) that the recorder adds to the
-        # round's ``train`` row of metrics.jsonl; numbers or lists of numbers.
-        self.server_metrics: dict[str, Any] = {}
 
     # What ``bind`` and the round give a strategy again after a checkpoint is loaded: not pickled.
     transient: ClassVar[tuple[str, ...]] = ("ctx", "grid", "_learner")
@@ -143,12 +154,11 @@ class FedensStrategy(FedAvg):
                 kept.append(m)
             else:
                 log.info("round %d: train partition %s: rejected, %s", server_round, pid, why)
-        if len(kept) < len(valid):
-            self.server_metrics[REJECTED_KEY] = len(valid) - len(kept)
+        facts = {REJECTED_KEY: len(valid) - len(kept)} if len(kept) < len(valid) else {}
         if not kept:
-            return None, None  # nothing usable: the global model stays as it was
+            return None, with_facts(None, facts)  # nothing usable: the global model stays as it was
         contents = [m.content for m in kept]
         self.reply_partitions = [self._partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id) for m in kept]
         n = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents])
         new = self.aggregate_arrays(server_round, arrays, n / n.sum())
-        return to_record(new), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return to_record(new), with_facts(self.train_metrics_aggr_fn(contents, self.weighted_by_key), facts)

@@ -33,7 +33,7 @@ Every round, after local training:
    ``best_member_test_accuracy``, ``swarm_steps``, ``swarm_agreement`` (share of nodes whose final top-k set is the
    ensemble's), ``swarm_weights``, the members' partition ids and member indices, and the slot
    counts, in the MetricRecord of ``aggregate_train`` (the run log), in ``self.history``, and in the round's
-   ``train`` row of metrics.jsonl (``server_metrics``).
+   ``train`` row of metrics.jsonl (returned with ``aggregate_train``'s metrics, ``with_facts``).
 
 Decisions
 - Own candidates: a node never scores its own models (the server does not send them to it, so
@@ -85,7 +85,7 @@ from fedens.learners.base import predict_dataset
 from fedens.payload import from_record, to_record
 from strategies import STRATEGIES
 from fedens.algorithms.swarm import DEFAULTS, allocate_slots, check_params, fill_slots, rank, swarm_consensus  # noqa: F401
-from strategies.base import Arrays, FedensStrategy, ServerContext, split_members
+from strategies.base import Arrays, FedensStrategy, ServerContext, split_members, with_facts
 
 log = logging.getLogger("fedens")
 
@@ -183,12 +183,9 @@ class SwarmStrategy(FedensStrategy):
         if self.ctx is not None:  # measurement only: does the ensemble beat every client's own model?
             facts.update(self.client_test_accuracy(records))
         self.history.append({"round": server_round, **facts})
-        self.server_metrics = facts  # into the round's train row of metrics.jsonl
         log.info("swarm round %d: %s", server_round, facts)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        for key, value in facts.items():
-            metrics[key] = value
-        return to_record(ensemble), metrics
+        return to_record(ensemble), with_facts(metrics, facts)  # the facts go into the round's train row
 
     def client_test_accuracy(self, records: list[ArrayRecord]) -> dict[str, Any]:
         """Test accuracy of every client's trained model (its whole P-member ensemble) and of its

@@ -201,3 +201,14 @@ def test_a_reply_with_a_non_positive_precision_is_rejected_not_fatal():
     assert s.reject_reason(posterior([[0.0, 1.0]], [[1.0, 2.0]])) is None
     assert s.reject_reason(posterior([[0.0, 1.0]], [[1.0, 0.0]])) == "precision.0.weight has non-positive values"
     assert s.reject_reason(posterior([[0.0, 1.0]], [[-3.0, 2.0]])) is not None
+
+
+def test_round_facts_travel_in_the_returned_metrics():
+    from flwr.app import MetricRecord
+
+    from strategies.base import round_facts, with_facts
+
+    m = with_facts(MetricRecord({"train_loss": 0.5}), {"rejected_by_strategy": 2, "swarm_weights": [0.25, 0.75]})
+    assert m["train_loss"] == 0.5  # the aggregated client metrics stay as Flower's
+    assert round_facts(m) == {"rejected_by_strategy": 2, "swarm_weights": [0.25, 0.75]}
+    assert round_facts(None) == {} and round_facts(MetricRecord({"train_loss": 1.0})) == {}

@@ -48,10 +48,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from fedens.api import prepare_learner
+from fedens.checks import load_scenario
 from fedens.data import load_client_data, load_server_data
 from fedens.learners import LEARNERS, build_learner, resolve_learner
 from fedens.learners.base import Learner, predict_dataset
-from fedens.scenario import Scenario, load_scenario
+from fedens.scenario import Scenario
 from fedens.seeding import seeded_generator
 
 MLP = {"kind": "mlp", "hidden": [128]}

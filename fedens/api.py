@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedens.scenario import Scenario, ScenarioError, check_references, load_scenario, parse_scenario
-
+from fedens.checks import check_references, load_scenario
+from fedens.scenario import Scenario, ScenarioError, parse_scenario
 
 if TYPE_CHECKING:
     from fedens.simulate import Engine

@@ -47,8 +47,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedens.checks import load_scenario
 from fedens.results import strict
-from fedens.scenario import Scenario, ScenarioError, _first_error, _read_yaml, load_scenario
+from fedens.scenario import Scenario, ScenarioError, _first_error, _read_yaml
 
 HIGHER_IS_BETTER = {"accuracy", "ood_auroc", "ood_auroc_mi", "member_accuracy"}
 # The final metrics of a run in runs.csv and the statistics: (column, scope, metric).

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fedens.api import engine_for, preflight
+from fedens.checks import load_scenario
 from fedens.client_app import select_device
-from fedens.scenario import ScenarioError, load_scenario
+from fedens.scenario import ScenarioError
 from fedens.simulate import configure_engine
 
 

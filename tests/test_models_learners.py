@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedens.checks import load_scenario
 from fedens.data import ArrayDataset, load_client_data
 from fedens.learners import LEARNERS, build_learner
 from fedens.learners.base import predict_dataset
 from fedens.models import build_model
-from fedens.scenario import load_scenario
 from fedens.seeding import derive_seed, seeded_generator
 
 

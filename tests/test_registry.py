@@ -84,8 +84,8 @@ def test_build_strategy_passes_defaults_it_accepts_and_params_win():
 def test_learner_plugin_by_path_builds_and_uses_its_options():
     import torch
 
+    from fedens.checks import load_scenario
     from fedens.learners import build_learner, resolve_learner
-    from fedens.scenario import load_scenario
 
     scn = load_scenario({"learner": {"kind": "examples/custom_learner.py:TemperatureLearner", "temperature": 2.0}})
     assert scn.learner.kind == f"{ROOT / 'examples/custom_learner.py'}:TemperatureLearner"  # made absolute
@@ -98,7 +98,8 @@ def test_learner_plugin_by_path_builds_and_uses_its_options():
 
 
 def test_learner_plugin_options_are_validated():
-    from fedens.scenario import ScenarioError, load_scenario
+    from fedens.checks import load_scenario
+    from fedens.scenario import ScenarioError
 
     with pytest.raises(ScenarioError, match="learner.temperature: should be greater than 0"):
         load_scenario({"learner": {"kind": "examples/custom_learner.py:TemperatureLearner", "temperature": 0}})

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fedens.checks import load_scenario
 from fedens.results import RunRecorder
-from fedens.scenario import load_scenario
 
 
 def test_tensorboard_gets_every_scopes_metrics_per_round_and_the_plots(tmp_path: Path):

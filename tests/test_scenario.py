@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedens.scenario import DirichletPartition, Scenario, ScenarioError, load_scenario
+from fedens.checks import load_scenario
+from fedens.scenario import DirichletPartition, Scenario, ScenarioError
 from tests.conftest import ROOT
 
 GOOD = """

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedens.checks import load_scenario
 from fedens.models import MODELS, build_model
 from fedens.models.vit import ViTOptions, check_vit
-from fedens.scenario import ScenarioError, load_scenario
+from fedens.scenario import ScenarioError
 
 
 @pytest.mark.parametrize("shape,patch,tokens", [((1, 8, 8), 2, 16), ((1, 28, 28), 4, 49), ((1, 28, 28), 7, 16), ((3, 32, 32), 4, 64),

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import RecordDict
 
 import fedens
+from fedens.checks import load_scenario
 from fedens.cli import main
 from fedens.data import load_client_data, load_server_data
 from fedens.decentralized.engine import initial_models, make_mailbox, summarise
@@ -17,9 +19,8 @@ from fedens.decentralized.rules import GossipContext, make_rule
 from fedens.decentralized.topology import build_graph, neighbours
 from fedens.learners import build_learner
 from fedens.payload import to_record
-from fedens.scenario import ScenarioError, load_scenario
+from fedens.scenario import ScenarioError
 from fedens.seeding import seeded_generator
-from flwr.app import RecordDict
 
 BASE = {
     "name": "g",

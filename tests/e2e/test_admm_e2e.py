@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedens.scenario import ScenarioError, load_scenario
+from fedens.checks import load_scenario
+from fedens.scenario import ScenarioError
 
 pytestmark = pytest.mark.e2e
 

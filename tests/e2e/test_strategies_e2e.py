@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 import fedens
-from fedens.scenario import ScenarioError, load_scenario
-from tests.e2e.test_federated_run import TINY  # the same tiny scenario as the FedAvg run
+from fedens.checks import load_scenario
+from fedens.scenario import ScenarioError
+from tests.e2e.test_federated_run import (
+    TINY,  # the same tiny scenario as the FedAvg run
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from fedens.api import prepare_learner
+from fedens.checks import load_scenario
 from fedens.data import load_client_data, load_server_data
 from fedens.learners import LEARNERS, build_learner
 from fedens.learners.base import is_reusable, predict_dataset
-from fedens.scenario import Scenario, load_scenario
+from fedens.scenario import Scenario
 from fedens.seeding import seeded_generator
 
 # Small, fast settings per learner (keys of the scenario's ``learner:`` and ``model:``).

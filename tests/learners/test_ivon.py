@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedens.checks import load_scenario
 from fedens.data import load_client_data
 from fedens.learners import build_learner
 from fedens.learners.base import predict_dataset
 from fedens.metrics import ensemble_metrics
-from fedens.scenario import load_scenario
 from fedens.seeding import seeded_generator
 
 

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from fedens.api import prepare_learner
+from fedens.checks import load_scenario
 from fedens.data import load_client_data, load_server_data
 from fedens.learners import build_learner
 from fedens.learners.lora_ensemble import LoRAEnsembleLearner
 from fedens.models import build_model
-from fedens.scenario import Scenario, ScenarioError, load_scenario
+from fedens.scenario import Scenario, ScenarioError
 from fedens.seeding import seeded_generator
 
 MODEL = {"kind": "vit", "dim": 32, "heads": 4, "depth": 2}

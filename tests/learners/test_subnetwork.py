@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from fedens.api import prepare_learner
+from fedens.checks import load_scenario
 from fedens.data import ArrayDataset, load_server_data
 from fedens.learners import build_learner
 from fedens.learners.subnetwork import MASKS_FILE, SubnetworkLayer, SubnetworkLearner
 from fedens.models import build_model
-from fedens.scenario import Scenario, load_scenario
+from fedens.scenario import Scenario
 
 MODELS = {"mlp": {"kind": "mlp", "hidden": [16]}, "cnn": {"kind": "cnn", "channels": [4, 8], "hidden": 16}}
 

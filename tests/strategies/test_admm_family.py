@@ -54,9 +54,9 @@ def test_feddyn_server_step_by_hand():
 
 
 def test_prox_keeps_a_single_learner_near_the_global_model():
+    from fedens.checks import load_scenario
     from fedens.data import load_client_data
     from fedens.learners import build_learner
-    from fedens.scenario import load_scenario
     from fedens.seeding import seeded_generator
 
     scn = load_scenario({"data": {"num_clients": 2}, "model": {"kind": "mlp", "hidden": [16]}, "train": {"lr": 0.1}})

@@ -80,8 +80,8 @@ def test_fixed_point_is_the_pooled_posterior_on_quadratics(damping: float):
 
 
 def test_client_setup_scales_the_duals_and_sets_prior_and_posterior():
+    from fedens.checks import load_scenario
     from fedens.learners import build_learner
-    from fedens.scenario import load_scenario
 
     scn = load_scenario({"name": "t", "rounds": 1, "data": {"dataset": "digits", "num_clients": 2},
                          "model": {"kind": "mlp", "hidden": [4]}, "learner": {"kind": "ivon"},

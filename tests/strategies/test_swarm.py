@@ -122,7 +122,8 @@ def test_registered_with_defaults_and_checked_params():
 
 
 def test_k_above_the_pool_and_no_validation_data_are_invalid_scenarios():
-    from fedens.scenario import ScenarioError, load_scenario
+    from fedens.checks import load_scenario
+    from fedens.scenario import ScenarioError
 
     base = {"learner": {"kind": "deep_ensemble", "members": 2}, "strategy": {"name": "swarm", "params": {"k": 3}}}
     with pytest.raises(ScenarioError, match="strategy.params.k: 3 agreed members need learner.members >= 3"):

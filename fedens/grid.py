@@ -76,7 +76,7 @@ class RoundTraffic:
 
 
 class FedensGrid(Grid):
-    def __init__(self, inner: Grid, seed: int, evaluate_rounds: set[int], timeout: float | None = None) -> None:
+    def __init__(self, inner: Grid, seed: int, evaluate_rounds: set[int] | frozenset[int], timeout: float | None = None) -> None:
         self.inner = inner
         self.seed = seed
         self.evaluate_rounds = evaluate_rounds

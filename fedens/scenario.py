@@ -242,6 +242,12 @@ class Scenario(_Strict):
     # Where the scenario came from: plug-in paths are resolved against its folder.
     source: str = Field("<scenario>", exclude=True)
 
+    @property
+    def evaluation_rounds(self) -> frozenset[int]:
+        """The rounds the global model (or the nodes' models) is evaluated: round 0, every
+        ``evaluate.every``-th round, and the last round."""
+        return frozenset(r for r in range(self.rounds + 1) if r % self.evaluate.every == 0) | {self.rounds}
+
     def to_yaml(self) -> str:
         """The resolved scenario as YAML (defaults and overrides applied)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

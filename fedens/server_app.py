@@ -41,11 +41,6 @@ RoundCallback = Callable[[int, list[dict[str, Any]]], None]
 WORST = {"accuracy": min, "nll": max, "ece": max, "brier": max}
 
 
-def evaluation_rounds(scn: Scenario) -> set[int]:
-    """Round 0, every ``evaluate.every``-th round, and the last round."""
-    return {r for r in range(scn.rounds + 1) if r % scn.evaluate.every == 0} | {scn.rounds}
-
-
 def evaluate_fraction(scn: Scenario) -> float:
     """``fraction_evaluate``, capped so that at most ``evaluate.max_clients`` clients evaluate.
 
@@ -79,7 +74,7 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
     torch.manual_seed(derive_seed(scn.seed, 0))  # the initial global model
     learner = build_learner(scn, server_data.input_shape, server_data.num_classes, torch.device("cpu"))
 
-    fgrid = FedensGrid(grid, scn.seed, evaluation_rounds(scn), scn.round_timeout_s)
+    fgrid = FedensGrid(grid, scn.seed, scn.evaluation_rounds, scn.round_timeout_s)
     fgrid.discover(scn.data.num_clients)
     has_val = scn.data.val_fraction > 0
     defaults = {
@@ -152,7 +147,7 @@ class RoundEvaluator:
     ) -> None:
         self.scn, self.learner, self.data, self.grid = scn, learner, data, grid
         self.recorder, self.on_round, self.strategy = recorder, on_round, strategy
-        self.rounds = evaluation_rounds(scn)
+        self.rounds = scn.evaluation_rounds
 
     def __call__(self, server_round: int, arrays: ArrayRecord, facts: dict[str, Any] | None = None) -> MetricRecord | None:
         """``facts``: what the strategy returned about the round (``strategies.base.with_facts``),

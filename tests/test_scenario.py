@@ -159,3 +159,9 @@ def test_relative_dataset_folder_is_made_absolute(tmp_path: Path):
     path = tmp_path / "s.yaml"
     path.write_text("data: {dataset: image_folder, num_clients: 1, params: {root: imgs, image_size: 8}}\n", encoding="utf-8")
     assert load_scenario(path).data.params["root"] == str((tmp_path / "imgs").resolve())
+
+
+def test_evaluation_rounds():
+    scn = load_scenario({"rounds": 7, "evaluate": {"every": 3}})
+    assert scn.evaluation_rounds == {0, 3, 6, 7}
+    assert load_scenario({"rounds": 2}).evaluation_rounds == {0, 1, 2}

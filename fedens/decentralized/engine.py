@@ -178,12 +178,10 @@ class GossipMeter:
     """The measuring instrument: evaluates the nodes' models and writes the rows of a round."""
 
     def __init__(self, scn: Scenario, data: ServerData, recorder: RunRecorder, on_round: RoundCallback | None) -> None:
-        from fedens.server_app import evaluation_rounds  # not at import: server_app dispatches here
-
         self.scn, self.data, self.recorder, self.on_round = scn, data, recorder, on_round
         torch.manual_seed(derive_seed(scn.seed, 0))
         self.learner = build_learner(scn, data.input_shape, data.num_classes, torch.device("cpu"))
-        self.rounds = evaluation_rounds(scn)
+        self.rounds = scn.evaluation_rounds
         self.last_accuracy: list[float] | None = None
 
     def now(self) -> float:

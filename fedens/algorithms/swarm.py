@@ -25,12 +25,12 @@ def rank(values: np.ndarray, cumulative_confidence: np.ndarray) -> np.ndarray:
 def swarm_consensus(
     scores: np.ndarray,
     confidence: np.ndarray,
-    k: int = 3,
-    T: int = 10,
-    tau: float = 0.1,
-    omega: float = 0.5,
-    phi1: float = 0.3,
-    phi2: float = 0.2,
+    k: int = DEFAULTS["k"],
+    T: int = DEFAULTS["T"],
+    tau: float = DEFAULTS["tau"],
+    omega: float = DEFAULTS["omega"],
+    phi1: float = DEFAULTS["phi1"],
+    phi2: float = DEFAULTS["phi2"],
 ) -> tuple[list[int], np.ndarray, int, float]:
     """PSO-style consensus of validators over candidates (module docstring, step 3).
 

@@ -47,10 +47,15 @@ def check_references(scn: Scenario) -> Scenario:
     from strategies import build_strategy, check_params, resolve_strategy
 
     label = scn.source
+    from fedens.data.base import DatasetSpec
+    from fedens.models import ModelSpec
+
     try:
-        ds = DATASETS.get(scn.data.dataset)
+        ds = DATASETS.resolve(scn.data.dataset, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: data.dataset: {err}") from None
+    if not isinstance(ds, DatasetSpec):
+        raise ScenarioError(f"{label}: data.dataset: {scn.data.dataset!r} is not a fedens.data.base.DatasetSpec")
     params = _absolute_paths(ds.Options, scn.data.params, scn.base_dir)
     ds_opts = _validate_options(ds.Options, params, label, "data.params")
     try:  # cheap look-ups (e.g. the class folders of image_folder), no data is loaded
@@ -59,9 +64,11 @@ def check_references(scn: Scenario) -> Scenario:
         raise ScenarioError(f"{label}: {err}") from None
 
     try:
-        model_spec = MODELS.get(scn.model.kind)
+        model_spec = MODELS.resolve(scn.model.kind, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: model.kind: {err}") from None
+    if not isinstance(model_spec, ModelSpec):
+        raise ScenarioError(f"{label}: model.kind: {scn.model.kind!r} is not a fedens.models.ModelSpec")
     model_opts = _validate_options(model_spec.Options, scn.model.options, label, "model")
     problem = model_spec.check(model_opts, shape)
     if problem:
@@ -115,10 +122,17 @@ def check_references(scn: Scenario) -> Scenario:
         raise ScenarioError(f"{label}: {problem}")
 
     return scn.model_copy(update={
-        "data": scn.data.model_copy(update={"params": params}),
+        **_plugin_refs(scn, params),
         "strategy": scn.strategy.model_copy(update={"name": _absolute_ref(scn.strategy.name, scn.base_dir)}),
         "learner": LearnerConfig(kind=_absolute_ref(scn.learner.kind, scn.base_dir), **learner_options),
     })
+
+
+def _plugin_refs(scn: Scenario, data_params: dict[str, Any]) -> dict[str, Any]:
+    """The data and model sections with plug-in file references (``file.py:Name``) and the
+    dataset's path options made absolute, so they mean the same in every process."""
+    data = scn.data.model_copy(update={"params": data_params, "dataset": _absolute_ref(scn.data.dataset, scn.base_dir)})
+    return {"data": data, "model": scn.model.model_copy(update={"kind": _absolute_ref(scn.model.kind, scn.base_dir)})}
 
 
 def _named(message: str, params: dict[str, Any]) -> str:
@@ -158,7 +172,7 @@ def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_opt
     except TopologyError as err:
         raise ScenarioError(f"{label}: {err}") from None
     return scn.model_copy(update={
-        "data": scn.data.model_copy(update={"params": data_params}),
+        **_plugin_refs(scn, data_params),
         "learner": LearnerConfig(kind=_absolute_ref(scn.learner.kind, scn.base_dir), **learner_options),
         "topology": topology,
     })

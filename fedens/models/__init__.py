@@ -31,8 +31,9 @@ MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def build_model(kind: str, options: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build the registered model ``kind`` from its (unvalidated) option dict."""
-    spec = MODELS.get(kind)
+    """Build the model ``kind`` (a registered name or a ``file.py:SPEC`` plug-in) from its
+    (unvalidated) option dict."""
+    spec = MODELS.resolve(kind)
     return spec.build(spec.Options.model_validate(options), tuple(input_shape), num_classes)
 
 

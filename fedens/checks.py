@@ -42,20 +42,13 @@ def check_references(scn: Scenario) -> Scenario:
     absolute against the scenario's folder, so they mean the same in every process and in the
     resolved ``scenario.yaml`` of the run folder."""
     from fedens.data import DATASETS
+    from fedens.data.base import DatasetSpec
     from fedens.learners import resolve_learner
-    from fedens.models import MODELS
+    from fedens.models import MODELS, ModelSpec
     from strategies import build_strategy, check_params, resolve_strategy
 
     label = scn.source
-    from fedens.data.base import DatasetSpec
-    from fedens.models import ModelSpec
-
-    try:
-        ds = DATASETS.resolve(scn.data.dataset, scn.base_dir)
-    except PluginError as err:
-        raise ScenarioError(f"{label}: data.dataset: {err}") from None
-    if not isinstance(ds, DatasetSpec):
-        raise ScenarioError(f"{label}: data.dataset: {scn.data.dataset!r} is not a fedens.data.base.DatasetSpec")
+    ds = _spec(DATASETS, DatasetSpec, scn.data.dataset, scn, "data.dataset")
     params = _absolute_paths(ds.Options, scn.data.params, scn.base_dir)
     ds_opts = _validate_options(ds.Options, params, label, "data.params")
     try:  # cheap look-ups (e.g. the class folders of image_folder), no data is loaded
@@ -63,12 +56,7 @@ def check_references(scn: Scenario) -> Scenario:
     except ValueError as err:
         raise ScenarioError(f"{label}: {err}") from None
 
-    try:
-        model_spec = MODELS.resolve(scn.model.kind, scn.base_dir)
-    except PluginError as err:
-        raise ScenarioError(f"{label}: model.kind: {err}") from None
-    if not isinstance(model_spec, ModelSpec):
-        raise ScenarioError(f"{label}: model.kind: {scn.model.kind!r} is not a fedens.models.ModelSpec")
+    model_spec = _spec(MODELS, ModelSpec, scn.model.kind, scn, "model.kind")
     model_opts = _validate_options(model_spec.Options, scn.model.options, label, "model")
     problem = model_spec.check(model_opts, shape)
     if problem:
@@ -133,6 +121,17 @@ def _plugin_refs(scn: Scenario, data_params: dict[str, Any]) -> dict[str, Any]:
     dataset's path options made absolute, so they mean the same in every process."""
     data = scn.data.model_copy(update={"params": data_params, "dataset": _absolute_ref(scn.data.dataset, scn.base_dir)})
     return {"data": data, "model": scn.model.model_copy(update={"kind": _absolute_ref(scn.model.kind, scn.base_dir)})}
+
+
+def _spec(registry: Any, spec_type: type, ref: str, scn: Scenario, key: str) -> Any:
+    """A registered name or a ``file.py:NAME`` plug-in, which must be a ``spec_type``."""
+    try:
+        spec = registry.resolve(ref, scn.base_dir)
+    except PluginError as err:
+        raise ScenarioError(f"{scn.source}: {key}: {err}") from None
+    if not isinstance(spec, spec_type):
+        raise ScenarioError(f"{scn.source}: {key}: {ref!r} is not a {spec_type.__module__}.{spec_type.__name__}")
+    return spec
 
 
 def _named(message: str, params: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.base import Arrays, FedensStrategy
+from fedens.strategies.base import Arrays, FedensStrategy
 
 
 class ClippedFedAvg(FedensStrategy):

@@ -45,7 +45,7 @@ def check_references(scn: Scenario) -> Scenario:
     from fedens.data.base import DatasetSpec
     from fedens.learners import resolve_learner
     from fedens.models import MODELS, ModelSpec
-    from strategies import build_strategy, check_params, resolve_strategy
+    from fedens.strategies import build_strategy, check_params, resolve_strategy
 
     label = scn.source
     ds = _spec(DATASETS, DatasetSpec, scn.data.dataset, scn, "data.dataset")

@@ -92,7 +92,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from fedens.decentralized.rules import GOSSIP_RULES
     from fedens.learners import LEARNERS
     from fedens.models import MODELS
-    from strategies import STRATEGIES
+    from fedens.strategies import STRATEGIES
 
     registries = (("datasets", DATASETS), ("models", MODELS), ("learners", LEARNERS), ("strategies", STRATEGIES),
                   ("gossip rules", GOSSIP_RULES))

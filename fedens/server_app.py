@@ -31,8 +31,8 @@ from fedens.payload import from_record, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed
-from strategies import build_strategy, resolve_strategy
-from strategies.base import REJECTED_KEY, round_facts
+from fedens.strategies import build_strategy, resolve_strategy
+from fedens.strategies.base import REJECTED_KEY, round_facts
 
 log = logging.getLogger("fedens")
 
@@ -92,7 +92,7 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
         strategy = build_strategy(resolve_strategy(scn.strategy.name, scn.base_dir), defaults, scn.strategy.params)
         arrays, first = to_record(learner.get_arrays()), 1
     if hasattr(strategy, "bind"):  # fedens strategies that compute on the server
-        from strategies.base import ServerContext
+        from fedens.strategies.base import ServerContext
 
         def new_learner() -> Learner:
             return build_learner(scn, server_data.input_shape, server_data.num_classes, torch.device("cpu"))
@@ -150,7 +150,7 @@ class RoundEvaluator:
         self.rounds = scn.evaluation_rounds
 
     def __call__(self, server_round: int, arrays: ArrayRecord, facts: dict[str, Any] | None = None) -> MetricRecord | None:
-        """``facts``: what the strategy returned about the round (``strategies.base.with_facts``),
+        """``facts``: what the strategy returned about the round (``fedens.strategies.base.with_facts``),
         for the train row; none under a strategy's own loop (Flower's ``evaluate_fn(round, arrays)``)."""
         traffic = self.grid.take_traffic()
         now = round(time.time() - self.recorder.started, 3)

@@ -1,5 +1,7 @@
 """Server strategies: one per file, registered by name.
 
+The folder sits at the top of the repository and installs as ``fedens.strategies`` (a
+package-dir mapping in pyproject.toml), so nothing named ``strategies`` lands in site-packages.
 ``strategy.name`` in a scenario is a registered name (``fedens list`` shows them),
 ``package.module:Class`` or ``path/to/file.py:Class``. Every strategy is a subclass of Flower's
 ``flwr.serverapp.strategy.Strategy``, so Flower's strategies run in fedens and fedens
@@ -7,6 +9,9 @@ strategies run in any Flower app.
 """
 
 from __future__ import annotations
+
+if __name__ != "fedens.strategies":  # imported as top-level `strategies` from the repository root
+    raise ImportError("this folder installs as fedens.strategies: import fedens.strategies instead")
 
 import importlib
 import inspect

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from strategies import STRATEGIES
-from strategies.base import Arrays, FedensStrategy
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import Arrays, FedensStrategy
 
 
 def fedadmm_server_step(global_arrays: Arrays, new: dict[int, Arrays], old: dict[int, Arrays], eta: float,

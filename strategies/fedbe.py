@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from fedens.data import ArrayDataset
 from fedens.learners.base import Learner, minibatches, module_arrays, predict_dataset
 from fedens.seeding import derive_seed, seeded_generator
-from strategies import STRATEGIES
-from strategies.base import Arrays, FedensStrategy, ServerContext, weighted_average
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import Arrays, FedensStrategy, ServerContext, weighted_average
 
 log = logging.getLogger("fedens")
 

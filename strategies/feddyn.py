@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from strategies import STRATEGIES
-from strategies.base import Arrays, FedensStrategy
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import Arrays, FedensStrategy
 
 
 def feddyn_server_step(global_arrays: Arrays, client_arrays: list[Arrays], h: Arrays, alpha: float,

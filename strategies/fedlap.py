@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from strategies import STRATEGIES
-from strategies.base import Arrays, FedensStrategy
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import Arrays, FedensStrategy
 
 
 def fedlap_server_step(duals: dict[int, Arrays], trained: dict[int, Arrays], global_arrays: Arrays,

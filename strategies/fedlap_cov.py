@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from fedens.objectives import lapcov_dual_update
-from strategies import STRATEGIES
-from strategies.base import Arrays, FedensStrategy
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import Arrays, FedensStrategy
 
 
 def fedlap_cov_server_step(sites: dict[int, Arrays], template: Arrays, delta: float) -> Arrays:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies import STRATEGIES
-from strategies.base import FedensStrategy
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import FedensStrategy
 
 
 class FedProx(FedensStrategy):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flwr.serverapp import strategy as fl
 
-from strategies import STRATEGIES
+from fedens.strategies import STRATEGIES
 
 for _name, _cls in {
     "fedavg": fl.FedAvg,  # McMahan et al. 2017

@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 
 from fedens.objectives import ivon_admm_dual_update
-from strategies import STRATEGIES
-from strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
 
 
 def ivon_admm_server_step(posteriors: list[Arrays], duals: list[Arrays], rho: float, prior_precision: float,

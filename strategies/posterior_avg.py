@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from strategies import STRATEGIES
-from strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
 
 
 def precision_weighted_average(means: list[np.ndarray], precisions: list[np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

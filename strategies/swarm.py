@@ -83,9 +83,9 @@ from flwr.serverapp import Grid
 
 from fedens.learners.base import predict_dataset
 from fedens.payload import from_record, to_record
-from strategies import STRATEGIES
+from fedens.strategies import STRATEGIES
 from fedens.algorithms.swarm import DEFAULTS, allocate_slots, check_params, fill_slots, rank, swarm_consensus  # noqa: F401
-from strategies.base import Arrays, FedensStrategy, ServerContext, split_members, with_facts
+from fedens.strategies.base import Arrays, FedensStrategy, ServerContext, split_members, with_facts
 
 log = logging.getLogger("fedens")
 

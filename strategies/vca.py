@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from strategies import STRATEGIES
+from fedens.strategies import STRATEGIES
 from fedens.algorithms.vca import TARGETS, check_params, is_corrected, target_variance, tensor_var, variance_correct  # noqa: F401
-from strategies.base import Arrays, FedensStrategy, weighted_average
+from fedens.strategies.base import Arrays, FedensStrategy, weighted_average
 
 class VarianceCorrectedAveraging(FedensStrategy):
     """FedAvg followed by per-tensor variance correction (VCMA)."""

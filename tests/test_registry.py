@@ -8,7 +8,7 @@ import pytest
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedens.registry import PluginError, Registry, load_object
-from strategies import STRATEGIES, build_strategy, resolve_strategy
+from fedens.strategies import STRATEGIES, build_strategy, resolve_strategy
 from tests.conftest import ROOT
 
 

@@ -31,8 +31,8 @@ Rules (``GOSSIP_RULES``; frozen dataclasses of options, checked on construction;
     unbiased over all elements) with ``tgt`` = ``others``: ``mean_j Var(W_j,l)`` (default),
     ``self``: ``Var(W_own,l)``, ``conservative``: ``c Var(W_own,l) + (1 - c) others``.
     ``Var(W_own,l)`` is the variance of the node's model BEFORE mixing (the paper's equation;
-    the same reading as ``strategies/vca.py``; the reference code reads the already-mixed model).
-    Tensors ``strategies.vca.is_corrected`` rejects (normalisation statistics, one-element
+    the same reading as the federated ``vca`` strategy; the reference code reads the already-mixed model).
+    Tensors ``fedens.algorithms.vca.is_corrected`` rejects (normalisation statistics, one-element
     tensors, ``precision.*``, ``*.filled`` flags, non-float) get the plain mix. Ensemble members
     are corrected member-wise (``member.{k}.<n>`` are distinct tensors).
 
@@ -50,7 +50,7 @@ sum_k w_k P_k m_k / precision_out`` (where ``precision_out`` is 0, the plain mix
     validation split, higher score = better (pass ``-NLL`` for NLL). Only validators and
     candidates in C_i are used (a node knows its neighbourhood only); a validator's score of its
     own candidate is ignored; everything missing is NaN (unscored) in the ``(N_cand, N_val)``
-    matrices given to ``strategies.swarm.swarm_consensus`` (k, T, tau, omega, phi1, phi2 as
+    matrices given to ``fedens.algorithms.swarm.swarm_consensus`` (k, T, tau, omega, phi1, phi2 as
     there). The agreed members fill the P slots of ``own`` (P = its member count) with
     ``allocate_slots`` (at most ``min(k, P)`` members); a model without members gets the single
     best candidate. Shared (non-member) tensors: the uniform mix (natural parameters for

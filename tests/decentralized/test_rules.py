@@ -16,8 +16,8 @@ from fedens.decentralized.rules import (
     make_rule,
     mix,
 )
-from strategies.swarm import allocate_slots, swarm_consensus
-from strategies.vca import tensor_var
+from fedens.strategies.swarm import allocate_slots, swarm_consensus
+from fedens.strategies.vca import tensor_var
 
 CTX = GossipContext(node=0)
 

@@ -51,7 +51,7 @@ class Plain(SingleLearner):
     """A single network under another name."""
 '''
 STRATEGY = '''
-from strategies.base import FedensStrategy, weighted_average
+from fedens.strategies.base import FedensStrategy, weighted_average
 
 class Average(FedensStrategy):
     """FedAvg written out."""

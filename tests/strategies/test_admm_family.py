@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedens.objectives import Dyn, Prox, objective_from_config
-from strategies.feddyn import feddyn_server_step
+from fedens.strategies.feddyn import feddyn_server_step
 
 CPU = torch.device("cpu")
 
@@ -78,7 +78,7 @@ def test_fedlap_reaches_the_ridge_fixed_point_with_client_and_server_duals_in_st
     (sum_k X_k^T X_k + delta I)^-1 sum_k X_k^T y_k, i.e. sum_k N_k grad l_k(w) + delta w = 0, and
     the clients' own duals equal the server's copies (full participation)."""
     from fedens.objectives import Lap
-    from strategies.fedlap import fedlap_server_step
+    from fedens.strategies.fedlap import fedlap_server_step
 
     rng = np.random.default_rng(0)
     d, delta, rho = 4, 2.0, 1.0
@@ -123,7 +123,7 @@ def test_lap_penalty_gradient_is_the_scaled_admm_term():
 
 def test_fedadmm_client_dual_and_server_step_by_hand():
     from fedens.objectives import Admm
-    from strategies.fedadmm import fedadmm_server_step
+    from fedens.strategies.fedadmm import fedadmm_server_step
 
     wg = {"w": np.array([1.0])}
     obj = Admm({"rho": 0.5}, {"dual.w": np.array([2.0])}, wg, CPU)
@@ -164,7 +164,7 @@ def test_fedlap_cov_converges_in_one_step_on_a_diagonal_quadratic():
     """Ridge regression with orthogonal features (diagonal Hessian X_k^T X_k), exact client
     solves, exact curvature and rho = 1: the first server step is the pooled MAP."""
     from fedens.objectives import lapcov_dual_update
-    from strategies.fedlap_cov import fedlap_cov_server_step
+    from fedens.strategies.fedlap_cov import fedlap_cov_server_step
 
     rng = np.random.default_rng(1)
     d, delta = 3, 0.5

@@ -14,9 +14,9 @@ from fedens.data import ArrayDataset
 from fedens.learners.base import NoOptions, module_arrays
 from fedens.learners.single import SingleLearner
 from fedens.scenario import TrainConfig
-from strategies import STRATEGIES, build_strategy
-from strategies.base import ServerContext
-from strategies.fedbe import FedBE, distill, fit_gaussian, sample_models, sharpen, teacher_probabilities
+from fedens.strategies import STRATEGIES, build_strategy
+from fedens.strategies.base import ServerContext
+from fedens.strategies.fedbe import FedBE, distill, fit_gaussian, sample_models, sharpen, teacher_probabilities
 
 CPU = torch.device("cpu")
 

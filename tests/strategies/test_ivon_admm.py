@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedens.objectives import IvonAdmm, ivon_admm_dual_update
-from strategies import resolve_strategy
-from strategies.ivon_admm import ivon_admm_server_step
+from fedens.strategies import resolve_strategy
+from fedens.strategies.ivon_admm import ivon_admm_server_step
 
 CPU = torch.device("cpu")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies import STRATEGIES
-from strategies.posterior_avg import PosteriorAveraging, precision_weighted_average
-from strategies.posterior_product import PosteriorProduct, posterior_product
-from strategies.uncertainty_merge import UncertaintyMerge, gradient_matching_merge
+from fedens.strategies import STRATEGIES
+from fedens.strategies.posterior_avg import PosteriorAveraging, precision_weighted_average
+from fedens.strategies.posterior_product import PosteriorProduct, posterior_product
+from fedens.strategies.uncertainty_merge import UncertaintyMerge, gradient_matching_merge
 
 HALF = np.array([0.5, 0.5])
 
@@ -206,7 +206,7 @@ def test_a_reply_with_a_non_positive_precision_is_rejected_not_fatal():
 def test_round_facts_travel_in_the_returned_metrics():
     from flwr.app import MetricRecord
 
-    from strategies.base import round_facts, with_facts
+    from fedens.strategies.base import round_facts, with_facts
 
     m = with_facts(MetricRecord({"train_loss": 0.5}), {"rejected_by_strategy": 2, "swarm_weights": [0.25, 0.75]})
     assert m["train_loss"] == 0.5  # the aggregated client metrics stay as Flower's

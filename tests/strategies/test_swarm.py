@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies import STRATEGIES
-from strategies.swarm import SwarmStrategy, allocate_slots, rank, swarm_consensus
+from fedens.strategies import STRATEGIES
+from fedens.strategies.swarm import SwarmStrategy, allocate_slots, rank, swarm_consensus
 
 nan = np.nan
 # 4 nodes, one candidate each (row i = node i's model), columns = validators; a node does not

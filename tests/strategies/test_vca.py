@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies import STRATEGIES
-from strategies.base import weighted_average
-from strategies.vca import VarianceCorrectedAveraging, tensor_var, variance_correct
+from fedens.strategies import STRATEGIES
+from fedens.strategies.base import weighted_average
+from fedens.strategies.vca import VarianceCorrectedAveraging, tensor_var, variance_correct
 
 EQUAL3 = np.full(3, 1 / 3)
 

@@ -146,7 +146,7 @@ def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_opt
     """The decentralized part of ``check_references``: no strategy, a valid gossip rule, a
     graph that can be built (connected unless allowed). Returns the scenario with the edges
     file (if any) made absolute against the scenario's folder."""
-    from fedens.decentralized.rules import Swarm, make_rule
+    from fedens.decentralized.rules import GOSSIP_RULES, Swarm, make_rule
 
     label = scn.source
     if scn.strategy != StrategyConfig():
@@ -155,9 +155,13 @@ def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_opt
         if getattr(scn, key) != Scenario.model_fields[key].default:
             raise ScenarioError(f"{label}: {key}: not used in decentralized mode; use gossip.active_fraction")
     try:
-        rule = make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir)
+        cls = GOSSIP_RULES.resolve(scn.gossip.rule, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: gossip.rule: {err}") from None
+    if isinstance(getattr(cls, "Options", None), type) and issubclass(cls.Options, BaseModel):
+        _validate_options(cls.Options, scn.gossip.params, label, "gossip.params")
+    try:  # also a plug-in rule's own checks, and the renamed-option hint
+        rule = make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir)
     except ValueError as err:
         raise ScenarioError(f"{label}: gossip.params: {err}") from None
     if isinstance(rule, Swarm) and scn.data.val_fraction <= 0:
@@ -204,4 +208,4 @@ def _validate_options(options_cls: type[BaseModel], values: dict[str, Any], labe
     try:
         return options_cls.model_validate(values)
     except ValidationError as err:
-        raise ScenarioError(f"{label}: {prefix}.{_first_error(err, values)}") from None
+        raise ScenarioError(f"{label}: {_first_error(err, values, prefix)}") from None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fedens.options import describe
 from fedens.scenario import ScenarioError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -136,8 +137,7 @@ def _parameters(obj: Any) -> str:
 
     options = getattr(obj, "Options", None)
     if options is not None and hasattr(options, "model_fields"):
-        return ", ".join(f"{k}={f.default_factory() if f.default_factory else f.default!r}"
-                         for k, f in options.model_fields.items() if not f.is_required() or f.default_factory)
+        return describe(options)
     if dataclasses.is_dataclass(obj):
         return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING)
     if inspect.isclass(obj):

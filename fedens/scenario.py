@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedens.decentralized.topology import RingTopology, TopologyConfig
+from fedens.options import first_error as _first_error
 
 
 class ScenarioError(ValueError):
@@ -420,42 +421,3 @@ def _deep_copy(x: Any) -> Any:
     if isinstance(x, list):
         return [_deep_copy(v) for v in x]
     return x
-
-
-def _first_error(err: ValidationError, raw: Any) -> str:
-    e = err.errors()[0]
-    path = _key_path(raw, e["loc"])
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif e["type"] == "union_tag_invalid":
-        msg = f"unknown kind {e['input'].get('kind')!r}; expected one of {e['ctx']['expected_tags']}"
-    elif e["type"] == "union_tag_not_found":
-        msg = "missing 'kind'"
-    else:
-        msg = msg[0].lower() + msg[1:]
-        msg = msg.replace("Input should be", "should be").replace("input should be", "should be")
-    return f"{path or '(top level)'}: {msg}"
-
-
-def _key_path(raw: Any, loc: tuple[Any, ...]) -> str:
-    """Pydantic's error location as a dotted key path of the user's YAML.
-
-    Discriminated unions add the tag (e.g. ``dirichlet``) to the location; it is not a key the
-    user wrote, so it is dropped by walking the raw input alongside the location.
-    """
-    parts: list[str] = []
-    node = raw
-    for item in loc:
-        if isinstance(node, dict) and item in node:
-            parts.append(str(item))
-            node = node[item]
-        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
-            parts.append(str(item))
-            node = node[item]
-        elif isinstance(node, dict) and node.get("kind") == item:
-            continue  # union tag
-        else:
-            parts.append(str(item))
-            node = None
-    return ".".join(parts)

@@ -63,31 +63,38 @@ def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 def check_params(cls: type[Strategy], params: dict[str, Any]) -> str | None:
     """Why ``params`` cannot be ``cls``'s constructor arguments, as ``"<key>: problem"``, or
-    None: an unknown key, a value of the wrong type (from the constructor's annotations), or
-    out of range (Flower's FedAvg arguments; a fedens strategy's own checks in its constructor
-    are run by ``build_strategy``, also before Ray starts)."""
-    from pydantic import ConfigDict, Field, ValidationError, create_model
+    None. The strategy's ``Options`` model (a fedens strategy's parameters) validates its own
+    keys; the others (Flower's FedAvg arguments, or a plug-in's constructor without ``Options``)
+    are checked by name, by type from the constructor's annotations and by range (Flower's
+    FedAvg arguments). Checks a constructor makes beyond these run when ``build_strategy`` is
+    called at load, also before Ray starts."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-    accepted = constructor_parameters(cls)
+    from fedens.options import first_error
+
+    options = getattr(cls, "Options", None)
+    fields = options.model_fields if isinstance(options, type) and issubclass(options, BaseModel) else {}
+    accepted = set(fields) | set(constructor_parameters(cls))
     for key in params:
         if key not in accepted:
             return f"{key}: unknown parameter of {cls.__name__} (it takes: {', '.join(sorted(accepted)) or 'none'})"
+    own = {k: v for k, v in params.items() if k in fields}
+    if fields:
+        try:
+            options.model_validate(own)
+        except ValidationError as err:
+            return first_error(err, own)
+    rest = {k: v for k, v in params.items() if k not in fields}
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an annotation that cannot be resolved: check names only
         hints = {}
-    fields: dict[str, Any] = {}
-    for name in params:
-        annotation = hints.get(name, Any)
-        ranges = FEDAVG_RANGES.get(name, {})
-        fields[name] = (annotation, Field(..., **ranges))
-    model = create_model(f"{cls.__name__}Params", __config__=ConfigDict(arbitrary_types_allowed=True, strict=False), **fields)
+    model = create_model(f"{cls.__name__}Params", __config__=ConfigDict(arbitrary_types_allowed=True, strict=False),
+                         **{k: (hints.get(k, Any), Field(..., **FEDAVG_RANGES.get(k, {}))) for k in rest})
     try:
-        model.model_validate(params)
+        model.model_validate(rest)
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"][:1])
-        return f"{loc}: {e['msg'][0].lower() + e['msg'][1:]} (got {params.get(loc)!r})"
+        return first_error(err, rest)
     return None
 
 

@@ -31,7 +31,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedens.algorithms.arrays import Arrays, join_posterior, split_members, split_posterior, weighted_average  # noqa: F401
+from fedens.data import ServerData
+from fedens.learners.base import Learner
+from fedens.options import Options as BaseOptions
+from fedens.options import split_options
 from fedens.payload import from_record, to_record
+from fedens.scenario import Scenario
 
 
 
@@ -40,9 +45,9 @@ class ServerContext:
     """What a strategy may use on the server. ``new_learner()`` builds the scenario's learner
     (CPU); ``data`` is ``fedens.data.ServerData`` (test, shift, public split, ...)."""
 
-    scenario: Any
-    data: Any
-    new_learner: Callable[[], Any]
+    scenario: Scenario
+    data: ServerData
+    new_learner: Callable[[], Learner]
     seed: int
 
 
@@ -65,9 +70,18 @@ log = logging.getLogger("fedens")
 
 
 class FedensStrategy(FedAvg):
-    supported_learners: ClassVar[tuple[str, ...] | None] = None
+    """FedAvg with the fedens payload handled (module docstring).
 
-    def __init__(self, **fedavg_kwargs: Any) -> None:
+    Parameters: a subclass declares its own as a frozen pydantic ``Options`` model (the
+    scenario's ``strategy.params`` keys, checked when the scenario loads) and reads them as
+    ``self.options.<key>``; every other keyword goes to Flower's FedAvg (``fraction_train``, ...).
+    """
+
+    supported_learners: ClassVar[tuple[str, ...] | None] = None
+    Options: ClassVar[type[BaseOptions]] = BaseOptions
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.options, fedavg_kwargs = split_options(self.Options, kwargs)
         super().__init__(**fedavg_kwargs)
         self.global_arrays: Arrays | None = None  # the arrays this round's training started from
         self.ctx: ServerContext | None = None

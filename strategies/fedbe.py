@@ -59,9 +59,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from fedens.data import ArrayDataset
 from fedens.learners.base import Learner, minibatches, module_arrays, predict_dataset
+from fedens.options import Options as BaseOptions
 from fedens.seeding import derive_seed, seeded_generator
 from fedens.strategies import STRATEGIES
 from fedens.strategies.base import Arrays, FedensStrategy, ServerContext, weighted_average
@@ -189,57 +191,36 @@ def distill(
 # --------------------------------------------------------------------------- the strategy
 
 
-class FedBE(FedensStrategy):
-    """FedBE (Chen & Chao, ICLR 2021): see the module docstring.
+class FedBEOptions(BaseOptions):
+    """FedBE's parameters (``strategy.params``); other keywords go to Flower's ``FedAvg``."""
 
-    Parameters (``strategy.params``)
-    --------------------------------
-    num_samples : Gaussian samples M in the teacher ensemble (FedBE's ``num_sample_teacher``), 10.
-    var_scale : scale of the fitted variance, θ ~ N(μ, var_scale·σ²), 0.1.
-    temperature : sharpening of the averaged teacher softmax, target ∝ p̄^(1/T), 0.5.
-    distill_epochs : server distillation epochs (SWA over their ends), 20.
-    distill_lr, distill_momentum, distill_weight_decay : server SGD, 0.01 / 0.9 / 0.0.
-    distill_batch_size : server minibatch size, 128 (FedBE's ``server_bs``).
-    include_clients, include_fedavg : put the client models / the FedAvg model in the teacher
-        ensemble (both True, as in FedBE).
-    Other keyword arguments go to Flower's ``FedAvg``.
-    """
+    num_samples: int = Field(10, ge=0, description="Gaussian samples M in the teacher ensemble (num_sample_teacher)")
+    var_scale: float = Field(0.1, ge=0, allow_inf_nan=False, description="theta ~ N(mu, var_scale sigma^2)")
+    temperature: float = Field(0.5, gt=0, allow_inf_nan=False, description="sharpening: target ∝ p̄^(1/T)")
+    distill_epochs: int = Field(20, ge=1, description="server distillation epochs (SWA over their ends)")
+    distill_lr: float = Field(0.01, gt=0, allow_inf_nan=False, description="server SGD learning rate")
+    distill_momentum: float = Field(0.9, ge=0, lt=1, description="server SGD momentum")
+    distill_weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="server SGD weight decay")
+    distill_batch_size: int = Field(128, ge=1, description="server minibatch size (server_bs)")
+    include_clients: bool = Field(True, description="the client models are teachers")
+    include_fedavg: bool = Field(True, description="the FedAvg model is a teacher")
+
+    @model_validator(mode="after")
+    def _some_teacher(self) -> "FedBEOptions":
+        if not (self.include_clients or self.include_fedavg or self.num_samples > 0):
+            raise ValueError("include_clients, include_fedavg, num_samples: the teacher ensemble is empty "
+                             "(no clients, no FedAvg model, no samples)")
+        return self
+
+
+class FedBE(FedensStrategy):
+    """FedBE (Chen & Chao, ICLR 2021): a Bayesian ensemble of client models distilled on the server."""
 
     supported_learners: ClassVar[tuple[str, ...] | None] = ("single",)
+    Options = FedBEOptions
 
-    def __init__(
-        self,
-        num_samples: int = 10,
-        var_scale: float = 0.1,
-        temperature: float = 0.5,
-        distill_epochs: int = 20,
-        distill_lr: float = 0.01,
-        distill_momentum: float = 0.9,
-        distill_weight_decay: float = 0.0,
-        distill_batch_size: int = 128,
-        include_clients: bool = True,
-        include_fedavg: bool = True,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        checks = {
-            "num_samples": num_samples >= 0, "var_scale": var_scale >= 0, "temperature": temperature > 0,
-            "distill_epochs": distill_epochs >= 1, "distill_lr": distill_lr > 0,
-            "distill_momentum": 0 <= distill_momentum < 1, "distill_weight_decay": distill_weight_decay >= 0,
-            "distill_batch_size": distill_batch_size >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"fedbe: invalid {', '.join(bad)} (num_samples >= 0, var_scale >= 0, temperature > 0, "
-                             "distill_epochs >= 1, distill_lr > 0, 0 <= distill_momentum < 1, distill_weight_decay >= 0, "
-                             "distill_batch_size >= 1)")
-        if not (include_clients or include_fedavg or num_samples > 0):
-            raise ValueError("fedbe: the teacher ensemble is empty (no clients, no FedAvg model, num_samples = 0)")
-        super().__init__(**fedavg_kwargs)
-        self.num_samples, self.var_scale, self.temperature = int(num_samples), float(var_scale), float(temperature)
-        self.distill_epochs, self.distill_lr = int(distill_epochs), float(distill_lr)
-        self.distill_momentum, self.distill_weight_decay = float(distill_momentum), float(distill_weight_decay)
-        self.distill_batch_size = int(distill_batch_size)
-        self.include_clients, self.include_fedavg = bool(include_clients), bool(include_fedavg)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._learner: Learner | None = None
         self.last_distill_losses: list[float] = []
 
@@ -265,16 +246,16 @@ class FedBE(FedensStrategy):
         net_names = [k for k in module_arrays(learner.model) if k in fedavg]
         mean, var = fit_gaussian([{k: a[k] for k in net_names} for a in arrays], weights)
         rng = np.random.default_rng(derive_seed(seed, server_round, SAMPLE_STREAM))
-        samples = [{**fedavg, **s} for s in sample_models(mean, var, self.var_scale, self.num_samples, rng)]
-        teachers = ([fedavg] if self.include_fedavg else []) + (list(arrays) if self.include_clients else []) + samples
+        samples = [{**fedavg, **s} for s in sample_models(mean, var, self.options.var_scale, self.options.num_samples, rng)]
+        teachers = ([fedavg] if self.options.include_fedavg else []) + (list(arrays) if self.options.include_clients else []) + samples
 
         pseudo = teacher_probabilities(learner, teachers, public)  # (n, classes)
-        targets = sharpen(pseudo, self.temperature)
+        targets = sharpen(pseudo, self.options.temperature)
         learner.set_arrays(fedavg)  # the student starts at the FedAvg model
         generator = seeded_generator(seed, server_round, DISTILL_STREAM)
         student, losses = distill(
-            learner, targets, public, epochs=self.distill_epochs, lr=self.distill_lr, momentum=self.distill_momentum,
-            weight_decay=self.distill_weight_decay, batch_size=self.distill_batch_size, generator=generator,
+            learner, targets, public, epochs=self.options.distill_epochs, lr=self.options.distill_lr, momentum=self.options.distill_momentum,
+            weight_decay=self.options.distill_weight_decay, batch_size=self.options.distill_batch_size, generator=generator,
         )
         self.last_distill_losses = losses
         log.info("fedbe round %d: %d teachers on %d public examples, distillation KL %.4f -> %.4f",

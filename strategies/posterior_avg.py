@@ -21,31 +21,17 @@ No params (besides Flower's FedAvg sampling arguments).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from fedens.algorithms.arrays import precision_weighted_average
 from fedens.strategies import STRATEGIES
 from fedens.strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
-
-
-def precision_weighted_average(means: list[np.ndarray], precisions: list[np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(m_g, S_g)`` in float64 (module docstring)."""
-    s = [np.asarray(p, dtype=np.float64) for p in precisions]
-    total = sum(w * sk for w, sk in zip(weights, s))
-    if np.any(total <= 0):
-        raise ValueError("posterior_avg: the weighted sum of precisions is not positive everywhere")
-    mean = sum(w * sk * np.asarray(m, dtype=np.float64) for w, sk, m in zip(weights, s, means)) / total
-    return mean, total
 
 
 class PosteriorAveraging(FedensStrategy):
     """Precision-weighted average of the clients' Gaussian posteriors."""
 
     supported_learners = ("ivon",)
-
-    def __init__(self, **fedavg_kwargs: Any) -> None:
-        super().__init__(**fedavg_kwargs)
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         parts = [split_posterior(a) for a in arrays]
@@ -55,6 +41,8 @@ class PosteriorAveraging(FedensStrategy):
         means, precs = {}, {}
         for n in means0:
             m, s = precision_weighted_average([p[0][n] for p in parts], [p[1][n] for p in parts], weights)
+            if np.any(s <= 0):
+                raise ValueError("posterior_avg: the weighted sum of precisions is not positive everywhere")
             means[n], precs[n] = m.astype(means0[n].dtype), s.astype(precs0[n].dtype)
         rest = weighted_average([p[2] for p in parts], weights) if rest0 else {}
         return join_posterior(means, precs, rest)

@@ -51,14 +51,14 @@ in float64, cast back to the arrays' dtype.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
+from fedens.options import Options as BaseOptions
 from fedens.strategies import STRATEGIES
 from fedens.strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
-
-PRIORS = ("fixed", "global")
 
 
 def posterior_product(
@@ -83,21 +83,24 @@ def posterior_product(
     return mean, total
 
 
+class PosteriorProductOptions(BaseOptions):
+    prior: Literal["fixed", "global"] = Field("fixed", description="the prior divided out: N(0, 1/prior_precision) or the round's global")
+    prior_precision: float = Field(0.01, gt=0, allow_inf_nan=False, description="precision of the fixed prior")
+    min_precision: float = Field(1e-8, gt=0, allow_inf_nan=False, description="floor of the merged precision")
+    split_global: bool = Field(True, description="send each client S_g / K (power EP; prior 'fixed' only)")
+
+
 class PosteriorProduct(FedensStrategy):
     """Product of the clients' Gaussian posteriors divided by the shared prior K-1 times."""
 
     supported_learners = ("ivon",)
+    Options = PosteriorProductOptions
 
-    def __init__(self, prior: str = "fixed", prior_precision: float = 0.01, min_precision: float = 1e-8,
-                 split_global: bool = True, **fedavg_kwargs: Any) -> None:
-        if prior not in PRIORS:
-            raise ValueError(f"posterior_product: prior must be one of {', '.join(PRIORS)}, got {prior!r}")
-        for key, value in (("prior_precision", prior_precision), ("min_precision", min_precision)):
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-                raise ValueError(f"posterior_product: {key} must be a finite number > 0, got {value!r}")
-        super().__init__(**fedavg_kwargs)
-        self.prior, self.prior_precision, self.min_precision = prior, float(prior_precision), float(min_precision)
-        self.split_global = bool(split_global) and prior == "fixed"
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        o = self.options
+        self.prior, self.prior_precision, self.min_precision = o.prior, o.prior_precision, o.min_precision
+        self.split_global = o.split_global and o.prior == "fixed"
         self.last_k = 0  # clients merged in the last round: the global's precision is split over them
         self.split_k = 0  # the K the arrays sent this round were split over (0: not split)
 

@@ -84,12 +84,10 @@ from flwr.serverapp import Grid
 from fedens.learners.base import predict_dataset
 from fedens.payload import from_record, to_record
 from fedens.strategies import STRATEGIES
-from fedens.algorithms.swarm import DEFAULTS, allocate_slots, check_params, fill_slots, rank, swarm_consensus  # noqa: F401
+from fedens.algorithms.swarm import SwarmOptions, allocate_slots, fill_slots, rank, swarm_consensus, validator_scores  # noqa: F401
 from fedens.strategies.base import Arrays, FedensStrategy, ServerContext, split_members, with_facts
 
 log = logging.getLogger("fedens")
-
-SCORE_KINDS = ("accuracy", "nll")
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -100,22 +98,10 @@ class SwarmStrategy(FedensStrategy):
 
     supported_learners: ClassVar[tuple[str, ...] | None] = ("deep_ensemble",)
 
-    def __init__(
-        self,
-        k: int = DEFAULTS["k"],
-        T: int = DEFAULTS["T"],
-        tau: float = DEFAULTS["tau"],
-        omega: float = DEFAULTS["omega"],
-        phi1: float = DEFAULTS["phi1"],
-        phi2: float = DEFAULTS["phi2"],
-        score: str = "accuracy",
-        **fedavg_kwargs: Any,
-    ) -> None:
-        super().__init__(**fedavg_kwargs)
-        check_params(k, T, tau, omega, phi1, phi2)
-        if score not in SCORE_KINDS:
-            raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
-        self.k, self.T, self.tau, self.omega, self.phi1, self.phi2, self.score_kind = k, T, tau, omega, phi1, phi2, score
+    Options = SwarmOptions
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.grid: Grid | None = None
         self.timeout: float | None = None
         self.slots = 0  # P, the learner's members
@@ -129,7 +115,7 @@ class SwarmStrategy(FedensStrategy):
         if scn.data.val_fraction <= 0:
             return "data.val_fraction: strategy swarm scores models on the clients' validation splits: set it > 0"
         options = resolve_learner(scn.learner.kind, scn.base_dir).Options(**scn.learner.options)
-        k = scn.strategy.params.get("k", 3)
+        k = scn.strategy.params.get("k", SwarmOptions.model_fields["k"].default)
         members = getattr(options, "members", None)
         if isinstance(k, int) and members is not None and k > members:
             return f"strategy.params.k: {k} agreed members need learner.members >= {k} (it is {members})"
@@ -144,8 +130,8 @@ class SwarmStrategy(FedensStrategy):
         members, shared = split_members(from_record(arrays))
         if shared or not members:
             raise ValueError("strategy swarm needs a learner whose arrays are all member.{k}.* (deep_ensemble)")
-        if self.k > len(members):
-            raise ValueError(f"strategy swarm: k={self.k} exceeds the learner's {len(members)} members (set learner.members >= k)")
+        if self.options.k > len(members):
+            raise ValueError(f"strategy swarm: k={self.options.k} exceeds the learner's {len(members)} members (set learner.members >= k)")
         self.grid, self.timeout, self.slots = grid, timeout, len(members)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -167,8 +153,7 @@ class SwarmStrategy(FedensStrategy):
 
         scores, confidence = self.score(nodes, pids, records, labels)
         members, weights, steps, agreement = swarm_consensus(
-            scores, confidence, self.k, self.T, self.tau, self.omega, self.phi1, self.phi2
-        )
+            scores, confidence, **self.options.model_dump(exclude={"score"}))
         counts = allocate_slots(weights, self.slots)
         ensemble = fill_slots(candidates, members, counts)
 
@@ -217,7 +202,6 @@ class SwarmStrategy(FedensStrategy):
         column = {node: j for j, node in enumerate(nodes)}
         scores = np.full((len(labels), len(nodes)), np.nan)
         confidence = np.full_like(scores, np.nan)
-        sign = -1.0 if self.score_kind == "nll" else 1.0
         for reply in replies:
             if reply.has_error():
                 log.warning("swarm: a validator failed: %s", reply.error.reason)
@@ -225,10 +209,9 @@ class SwarmStrategy(FedensStrategy):
             j = column[reply.metadata.src_node_id]
             values = {key: v for rec in reply.content.metric_records.values() for key, v in rec.items()}
             for pid in pids:
-                s, c = values.get(f"cand.{pid}.{self.score_kind}"), values.get(f"cand.{pid}.confidence")
-                for m, (s_m, c_m) in enumerate(zip(s or [], c or [])):
+                for m, (s_m, c_m) in enumerate(validator_scores(values, f"cand.{pid}", self.options.score) or []):
                     if (pid, m) in row:
-                        scores[row[pid, m], j], confidence[row[pid, m], j] = sign * s_m, c_m
+                        scores[row[pid, m], j], confidence[row[pid, m], j] = s_m, c_m
         return scores, confidence
 
 

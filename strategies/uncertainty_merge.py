@@ -36,7 +36,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
+from fedens.options import Options as BaseOptions
 from fedens.strategies import STRATEGIES
 from fedens.strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
 
@@ -53,18 +55,20 @@ def gradient_matching_merge(
     return t0 + alpha * summed
 
 
+class UncertaintyMergeOptions(BaseOptions):
+    alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="merge scale (None: 1/K)")
+    delta0: float = Field(1e-12, ge=0, allow_inf_nan=False, description="added to every precision")
+
+
 class UncertaintyMerge(FedensStrategy):
     """Merge client posteriors by uncertainty-based gradient matching around the global mean."""
 
     supported_learners = ("ivon",)
+    Options = UncertaintyMergeOptions
 
-    def __init__(self, alpha: float | None = None, delta0: float = 1e-12, **fedavg_kwargs: Any) -> None:
-        if alpha is not None and not (isinstance(alpha, (int, float)) and np.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"uncertainty_merge: alpha must be a finite number > 0 or None (= 1/K), got {alpha!r}")
-        if not (isinstance(delta0, (int, float)) and np.isfinite(delta0) and delta0 >= 0):
-            raise ValueError(f"uncertainty_merge: delta0 must be a finite number >= 0, got {delta0!r}")
-        super().__init__(**fedavg_kwargs)
-        self.alpha, self.delta0 = (None if alpha is None else float(alpha)), float(delta0)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.alpha, self.delta0 = self.options.alpha, self.options.delta0
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         parts = [split_posterior(a) for a in arrays]

@@ -43,29 +43,25 @@ reference preset's; used by "conservative" only).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from fedens.algorithms.vca import VCAOptions, is_corrected, target_variance, variance_correct
 from fedens.strategies import STRATEGIES
-from fedens.algorithms.vca import TARGETS, check_params, is_corrected, target_variance, tensor_var, variance_correct  # noqa: F401
 from fedens.strategies.base import Arrays, FedensStrategy, weighted_average
+
 
 class VarianceCorrectedAveraging(FedensStrategy):
     """FedAvg followed by per-tensor variance correction (VCMA)."""
 
-    def __init__(self, target: str = "others", eps: float = 1e-4, c: float = 0.5, **fedavg_kwargs: Any) -> None:
-        check_params(target, c, eps)
-        super().__init__(**fedavg_kwargs)
-        self.target, self.eps, self.c = target, float(eps), float(c)
+    Options = VCAOptions
 
     def target_var(self, name: str, arrays: list[Arrays]) -> float:
-        own = None
-        if self.target != "others":
+        own, target = None, self.options.target
+        if target != "others":
             if self.global_arrays is None or name not in self.global_arrays:
-                raise ValueError(f"vca: target {self.target!r} needs the round's global tensor {name!r} (none was sent)")
+                raise ValueError(f"vca: target {target!r} needs the round's global tensor {name!r} (none was sent)")
             own = self.global_arrays[name]
-        return target_variance(self.target, self.c, own, [a[name] for a in arrays])
+        return target_variance(target, self.options.c, own, [a[name] for a in arrays])
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         out = weighted_average(arrays, weights)
@@ -73,7 +69,7 @@ class VarianceCorrectedAveraging(FedensStrategy):
             if not is_corrected(name, first):
                 continue
             avg = sum(w * a[name].astype(np.float64) for a, w in zip(arrays, weights))
-            out[name] = variance_correct(avg, self.target_var(name, arrays), self.eps).astype(first.dtype)
+            out[name] = variance_correct(avg, self.target_var(name, arrays), self.options.eps).astype(first.dtype)
         return out
 
 

@@ -18,6 +18,20 @@ def weighted_average(arrays: list[Arrays], weights: np.ndarray) -> Arrays:
     return out
 
 
+def precision_weighted_average(means: list[np.ndarray], precisions: list[np.ndarray],
+                               weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted mix of diagonal Gaussians in natural parameters, element-wise and float64:
+    ``S = sum_k w_k s_k``, ``m = sum_k w_k s_k m_k / S`` (``weights`` ``(K,)``); where ``S`` is 0,
+    ``m`` is the plain mix ``sum_k w_k m_k``. The ``posterior_avg`` strategy and the gossip rules'
+    posterior mixing alike."""
+    s = [np.asarray(p, dtype=np.float64) for p in precisions]
+    ms = [np.asarray(m, dtype=np.float64) for m in means]
+    total = sum(w * sk for w, sk in zip(weights, s))
+    natural = sum(w * sk * mk for w, sk, mk in zip(weights, s, ms))
+    plain = sum(w * mk for w, mk in zip(weights, ms))
+    return np.where(total != 0, natural / np.where(total != 0, total, 1.0), plain), total
+
+
 def split_posterior(arrays: Arrays) -> tuple[Arrays, Arrays, Arrays]:
     """``(means, precisions, rest)``: ``mean.<n>`` and ``precision.<n>`` keyed by ``<n>``."""
     means = {k[5:]: v for k, v in arrays.items() if k.startswith("mean.")}

@@ -7,12 +7,48 @@ Shapes: ``scores`` and ``confidence`` ``(N_cand, N_val)``, NaN where a validator
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Literal
+
 import numpy as np
+from pydantic import Field, model_validator
 
 from fedens.algorithms.arrays import Arrays
+from fedens.options import Options, split_options
 
-# The consensus' parameters and defaults, shared by the strategy and the gossip rule.
-DEFAULTS = {"k": 3, "T": 10, "tau": 0.1, "omega": 0.5, "phi1": 0.3, "phi2": 0.2}
+
+class SwarmOptions(Options):
+    """The consensus' parameters and defaults, shared by the ``swarm`` strategy and the ``swarm``
+    gossip rule (docs/methods.md#swarm-consensus)."""
+
+    k: int = Field(3, ge=1, description="members agreed on (at most the ensemble's slots)")
+    T: int = Field(10, ge=0, description="belief-consensus steps")
+    tau: float = Field(0.1, gt=0, allow_inf_nan=False, description="softmax temperature of the scores")
+    omega: float = Field(0.5, ge=0, allow_inf_nan=False, description="inertia of a validator's belief")
+    phi1: float = Field(0.3, ge=0, allow_inf_nan=False, description="pull to the validator's own scores")
+    phi2: float = Field(0.2, ge=0, allow_inf_nan=False, description="pull to the swarm's mean belief")
+    score: Literal["accuracy", "nll"] = Field("accuracy", description="what a validator measures on its validation split")
+
+    @model_validator(mode="after")
+    def _positive_mix(self) -> "SwarmOptions":
+        if self.omega + self.phi1 + self.phi2 <= 0:
+            raise ValueError("omega, phi1, phi2: their sum must be > 0")
+        return self
+
+
+DEFAULTS = SwarmOptions().model_dump(exclude={"score"})  # the consensus function's keyword defaults
+SIGN = {"accuracy": 1.0, "nll": -1.0}  # scores are higher-is-better: an NLL enters negated
+
+
+def validator_scores(values: Mapping[str, Any], candidate: str, score: str) -> list[tuple[float, float]] | None:
+    """``[(score, confidence)]`` per member of ``candidate`` from a validator's reply to
+    ``query.validate`` (``values`` holds ``<candidate>.accuracy``, ``.nll``, ``.confidence``,
+    one value per member), the score signed so that higher is better; ``None`` if absent.
+    The ``swarm`` strategy and the gossip engine read validators' replies with this."""
+    s, c = values.get(f"{candidate}.{score}"), values.get(f"{candidate}.confidence")
+    if s is None or c is None:
+        return None
+    return [(SIGN[score] * float(a), float(q)) for a, q in zip(s, c)]
 
 
 def rank(values: np.ndarray, cumulative_confidence: np.ndarray) -> np.ndarray:
@@ -45,7 +81,7 @@ def swarm_consensus(
     c = np.asarray(confidence, dtype=np.float64)
     if s.ndim != 2 or s.shape != c.shape or s.shape[0] == 0:
         raise ValueError(f"scores and confidence must be equal (N_cand, N_val) arrays, got {s.shape} and {c.shape}")
-    check_params(k, T, tau, omega, phi1, phi2)
+    split_options(SwarmOptions, dict(k=k, T=T, tau=tau, omega=omega, phi1=phi1, phi2=phi2))  # a scenario's checks
     n_cand = s.shape[0]
     k = min(k, n_cand)
     scored = ~np.isnan(s)
@@ -117,14 +153,3 @@ def fill_slots(candidates: list[Arrays], members: list[int], counts: np.ndarray)
             ensemble.update({f"member.{slot}.{name}": a for name, a in candidates[i].items()})
             slot += 1
     return ensemble
-
-
-def check_params(k: int, T: int, tau: float, omega: float, phi1: float, phi2: float) -> None:
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if T < 0:
-        raise ValueError(f"T must be >= 0, got {T}")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if min(omega, phi1, phi2) < 0 or omega + phi1 + phi2 <= 0:
-        raise ValueError(f"omega, phi1, phi2 must be >= 0 with a positive sum, got {omega}, {phi1}, {phi2}")

@@ -6,10 +6,13 @@ parameter names (``target``, ``c``, ``eps``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-TARGETS = ("others", "self", "conservative")
+from fedens.options import Options
+
 _NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -51,11 +54,18 @@ def target_variance(target: str, c: float, own: np.ndarray | None, others: Seque
     return mine if target == "self" else c * mine + (1 - c) * follow
 
 
-def check_params(target: str, c: float, eps: float) -> None:
-    """One-line ``ValueError`` for a bad option (the strategy's and the gossip rule's)."""
-    if target not in TARGETS:
-        raise ValueError(f"vca: target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"vca: eps must be a finite number >= 0, got {eps!r}")
-    if not (isinstance(c, (int, float)) and 0 <= c <= 1):
-        raise ValueError(f"vca: c must be in [0, 1], got {c!r}")
+class VCAOptions(Options):
+    """The parameters of the ``vca`` strategy and the ``vca`` gossip rule: one set of names and
+    defaults (the reference code's preset)."""
+
+    target: Literal["others", "self", "conservative"] = Field(
+        "others", description="the variance to restore: the others' mean, the own model's, or c-weighted")
+    c: float = Field(0.5, ge=0, le=1, description="own model's weight in the gossip mix and the conservative target")
+    eps: float = Field(1e-4, ge=0, allow_inf_nan=False, description="added to both variances in the rescaling")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "conservative" in values:  # the gossip rule's old name
+            raise ValueError("conservative: renamed to c, the name the vca strategy and gossip rule share")
+        return values

@@ -14,9 +14,9 @@ One round r (``run_gossip``):
    model of each neighbour that arrived (asynchrony: drops, per-node delays). Collected ONCE
    and used for both messages below.
 3. Swarm rule only: every active node with a non-empty inbox validates the models in its inbox
-   (``query.validate``, the ClientApp handler the swarm strategy also uses; score = accuracy on
-   its own validation split, confidence = mean max-probability). Node j's gossip message then
-   carries the scores of the validators in its closed neighbourhood {j} + senders(j), for the
+   (``query.validate``, the ClientApp handler the swarm strategy also uses; score = the rule's
+   ``score``, accuracy or -NLL, on its own validation split, confidence = mean max-probability).
+   Node j's gossip message then carries the scores of the validators in its closed neighbourhood {j} + senders(j), for the
    candidates in that neighbourhood. A validator scores the copy of a model that is in ITS inbox
    (with delays that can be an older version than the one node j holds).
 4. One ``query.gossip`` message per active node with its inbox (``recv.<sender>``), its init
@@ -67,6 +67,7 @@ from flwr.serverapp import Grid
 from fedens.checkpoint import ResumeState, restore_rng, rng_states
 from fedens.checkpoint import save as save_checkpoint
 from fedens.data import ArrayDataset, ServerData, load_server_data
+from fedens.algorithms.swarm import validator_scores
 from fedens.decentralized.mailbox import Asynchrony, Mailbox
 from fedens.decentralized.node import INIT_KEY, RECV_PREFIX, SCORES_KEY, SIZES_KEY, pack_scores, sizes_record
 from fedens.decentralized.rules import Swarm, consensus_distance, layer_variance, make_rule
@@ -153,9 +154,11 @@ def gossip_row(server_round: int, now: float, models: list[Arrays], adj: np.ndar
     return row
 
 
-def collect_scores(fgrid: FedensGrid, node_of: dict[int, int], inbox: dict[int, dict[int, Any]]) -> dict[int, dict[int, list[tuple[float, float]]]]:
+def collect_scores(fgrid: FedensGrid, node_of: dict[int, int], inbox: dict[int, dict[int, Any]],
+                   score: str) -> dict[int, dict[int, list[tuple[float, float]]]]:
     """Swarm: each active node with a non-empty inbox scores the models in it on its own
-    validation split. Returns validator -> candidate -> [(accuracy, confidence)] per member."""
+    validation split. Returns validator -> candidate -> [(score, confidence)] per member, the
+    score the rule asks for (``accuracy``, or ``nll`` negated: higher is better)."""
     messages = [
         Message(RecordDict({f"cand.{c}": rec for c, (rec, _) in box.items()}), message_type="query.validate",
                 dst_node_id=node_of[v])
@@ -168,9 +171,9 @@ def collect_scores(fgrid: FedensGrid, node_of: dict[int, int], inbox: dict[int, 
         v = fgrid.partition_of[reply.metadata.src_node_id]
         values = reply.content.metric_records["scores"]
         for c in inbox[v]:
-            acc, conf = values.get(f"cand.{c}.accuracy"), values.get(f"cand.{c}.confidence")
-            if acc is not None and conf is not None:
-                scores.setdefault(v, {})[c] = [(float(a), float(q)) for a, q in zip(acc, conf)]
+            per_member = validator_scores(values, f"cand.{c}", score)
+            if per_member is not None:
+                scores.setdefault(v, {})[c] = per_member
     return scores
 
 
@@ -248,7 +251,8 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
     meter = GossipMeter(scn, data, recorder, on_round)
     fgrid = FedensGrid(grid, scn.seed, meter.rounds, scn.round_timeout_s)
     node_of = {pid: node for node, pid in fgrid.discover(n).items()}
-    swarm = isinstance(make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir), Swarm)
+    rule = make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir)
+    swarm = isinstance(rule, Swarm)
     adj0 = build_graph(scn.topology, n, scn.seed, 0)
     title = f"{scn.topology.kind}, {n} nodes, {num_edges(adj0)} edges" + (" (round 0; resampled every round)" if scn.topology.resample else "")
 
@@ -271,7 +275,7 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
         nbrs = neighbours(adj)
         active = mailbox.active(r)
         inbox = {pid: mailbox.collect(pid, r) for pid in active}  # sender -> (ArrayRecord, num train examples)
-        scores = collect_scores(fgrid, node_of, inbox) if swarm else {}
+        scores = collect_scores(fgrid, node_of, inbox, rule.options.score) if swarm else {}
 
         messages, bytes_init, bytes_p2p = [], 0, 0
         for pid in active:

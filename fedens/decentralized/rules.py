@@ -12,8 +12,9 @@ models of a neighbourhood run the same learner, so they have the same names; the
 names of ``own``. Math runs in float64 and is cast back to each array's dtype; non-float arrays
 (ints, bools) keep the node's own value. Received models are used in sender-id order.
 
-Rules (``GOSSIP_RULES``; frozen dataclasses of options, checked on construction;
-``make_rule(name, params)`` builds one and turns a bad option into a one-line ``ValueError``):
+Rules (``GOSSIP_RULES``; each declares its parameters as a frozen pydantic ``Options`` model,
+the vca and swarm ones shared with their strategies; ``make_rule(name, params)`` builds one and
+turns a bad option into a one-line ``ValueError``):
 
 ``average``
     ``out = a own + (1 - a) mean_j W_j``, ``a = self_weight``; ``self_weight=None`` gives every
@@ -47,7 +48,8 @@ sum_k w_k P_k m_k / precision_out`` (where ``precision_out`` is 0, the plain mix
     C_i (``member.{m}.*`` of a ``deep_ensemble``; a model without members is one candidate, the
     whole arrays), rows ordered by node id then member index. Scores: ``ctx.scores[v][c][m] =
     (score, confidence)`` that validator v measured for member m of candidate node c on its own
-    validation split, higher score = better (pass ``-NLL`` for NLL). Only validators and
+    validation split, higher score = better (``score: nll`` enters as ``-NLL``; the engine asks
+    the validators for the rule's ``score`` and signs it with ``validator_scores``). Only validators and
     candidates in C_i are used (a node knows its neighbourhood only); a validator's score of its
     own candidate is ignored; everything missing is NaN (unscored) in the ``(N_cand, N_val)``
     matrices given to ``fedens.algorithms.swarm.swarm_consensus`` (k, T, tau, omega, phi1, phi2 as
@@ -65,17 +67,21 @@ Measures: ``consensus_distance`` and ``layer_variance`` (their docstrings).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from pydantic import BaseModel, Field, ValidationError
+
+from fedens.algorithms.arrays import precision_weighted_average, split_members
+from fedens.algorithms.swarm import SwarmOptions, allocate_slots, fill_slots, swarm_consensus
+from fedens.algorithms.vca import VCAOptions, is_corrected, target_variance, tensor_var, variance_correct
+from fedens.options import Options as BaseOptions
+from fedens.options import first_error
 from fedens.registry import Registry
-from fedens.algorithms import vca
-from fedens.algorithms.arrays import split_members
-from fedens.algorithms.swarm import DEFAULTS, allocate_slots, check_params, fill_slots, swarm_consensus
-from fedens.algorithms.vca import is_corrected, tensor_var, variance_correct
 
 Arrays = dict[str, np.ndarray]
 Facts = dict[str, float]
@@ -119,9 +125,7 @@ def _mix64(models: Sequence[Arrays], weights: Sequence[float]) -> Arrays:
             out[name] = np.array(a, copy=True)
         elif name.startswith("mean.") and f"precision.{name[5:]}" in first:
             p = f"precision.{name[5:]}"
-            prec = plain(p)
-            nat = sum(wk * np.asarray(m[p], np.float64) * np.asarray(m[name], np.float64) for m, wk in zip(models, w))
-            out[name] = np.where(prec != 0, nat / np.where(prec != 0, prec, 1.0), plain(name))
+            out[name], _ = precision_weighted_average([m[name] for m in models], [m[p] for m in models], w)
         else:
             out[name] = plain(name)
     return out
@@ -150,9 +154,38 @@ def _senders(received: Mapping[int, Arrays]) -> list[int]:
 
 
 class GossipRule:
-    """A node rule: ``rule(own, received, ctx) -> (new arrays, facts)``."""
+    """A node rule: ``rule(own, received, ctx) -> (new arrays, facts)``. Its parameters (the
+    scenario's ``gossip.params``) are a frozen pydantic ``Options`` model, validated when the
+    scenario loads and read as ``self.options.<key>``."""
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = BaseOptions
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.options: Any = self.Options.model_validate(params)
+        except ValidationError as err:  # one line, not pydantic's block
+            raise ValueError(first_error(err, params)) from None
+
+    def __post_init__(self) -> None:
+        """A plug-in written as a dataclass (its fields are its options, its generated
+        ``__init__`` skips ours): the fields its ``Options`` knows are validated into it, so a
+        dataclass subclass of a built-in rule keeps working."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        try:
+            options = self.Options.model_validate({k: v for k, v in own.items() if k in self.Options.model_fields})
+        except ValidationError as err:
+            raise ValueError(first_error(err, own)) from None
+        object.__setattr__(self, "options", options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.options == self.options  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.options))
 
     def __call__(self, own: Arrays, received: Mapping[int, Arrays], ctx: GossipContext) -> tuple[Arrays, Facts]:
         raise NotImplementedError
@@ -165,40 +198,37 @@ def make_rule(name: str, params: Mapping[str, Any] | None = None, base_dir: Path
     """``GOSSIP_RULES.resolve(name, base_dir)(**params)`` (a plug-in file relative to the
     scenario's folder, as for learners and strategies); a wrong option is a one-line ``ValueError``."""
     cls = GOSSIP_RULES.resolve(name, base_dir)
-    if cls is VarianceCorrected and "conservative" in (params or {}):
-        raise ValueError("gossip rule 'vca': 'conservative' is now 'c', the name the vca strategy uses")
     try:
         return cls(**dict(params or {}))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # a bad option, or a plug-in's constructor's complaint
         raise ValueError(f"gossip rule {name!r}: {err}") from None
 
 
+class AverageOptions(BaseOptions):
+    self_weight: float | None = Field(None, ge=0, le=1, description="own model's weight (None: 1/(1 + senders))")
+    weighted: bool = Field(False, description="weigh the senders by their training-set sizes")
+
+
 @GOSSIP_RULES.register("average")
-@dataclass(frozen=True)
 class Average(GossipRule):
     """Plain gossip averaging with a self weight (module docstring)."""
 
-    self_weight: float | None = None
-    weighted: bool = False
-
-    def __post_init__(self) -> None:
-        if self.self_weight is not None and not (0 <= self.self_weight <= 1):
-            raise ValueError(f"average: self_weight must be in [0, 1] or None, got {self.self_weight!r}")
+    Options = AverageOptions
 
     def weights(self, node: int, senders: list[int], ctx: GossipContext) -> np.ndarray:
         """Weights ``(1 + n,)`` of own, then the senders in order; they sum to 1."""
-        n = len(senders)
-        if not self.weighted:
-            a = 1.0 / (1 + n) if self.self_weight is None else float(self.self_weight)
+        n, self_weight = len(senders), self.options.self_weight
+        if not self.options.weighted:
+            a = 1.0 / (1 + n) if self_weight is None else float(self_weight)
             return np.array([a] + [(1 - a) / n] * n)
         missing = [j for j in [node, *senders] if j not in ctx.num_examples]
         if missing:
             raise ValueError(f"average(weighted=True) needs ctx.num_examples of nodes {missing}")
         sizes = np.array([ctx.num_examples[j] for j in senders], dtype=np.float64)
-        if self.self_weight is None:
+        if self_weight is None:
             allsizes = np.concatenate([[float(ctx.num_examples[node])], sizes])
             return allsizes / allsizes.sum()
-        a = float(self.self_weight)
+        a = float(self_weight)
         return np.concatenate([[a], (1 - a) * sizes / sizes.sum()])
 
     def __call__(self, own: Arrays, received: Mapping[int, Arrays], ctx: GossipContext) -> tuple[Arrays, Facts]:
@@ -210,26 +240,20 @@ class Average(GossipRule):
 
 
 @GOSSIP_RULES.register("vca")
-@dataclass(frozen=True)
 class VarianceCorrected(GossipRule):
     """VCMA per node (module docstring; docs/methods.md#gossip-vca)."""
 
-    c: float = 0.5  # the own model's weight in the mix, and in the "conservative" target
-    target: str = "others"
-    eps: float = 1e-4
-
-    def __post_init__(self) -> None:
-        vca.check_params(self.target, self.c, self.eps)
+    Options = VCAOptions  # c: the own model's weight in the mix, and in the "conservative" target
 
     def target_var(self, own: np.ndarray, others: Sequence[np.ndarray]) -> float:
         """The target variance of one tensor from the UNMIXED own tensor and the received ones."""
-        return vca.target_variance(self.target, self.c, own, others)
+        return target_variance(self.options.target, self.options.c, own, others)
 
     def __call__(self, own: Arrays, received: Mapping[int, Arrays], ctx: GossipContext) -> tuple[Arrays, Facts]:
         senders = _senders(received)
         if not senders:
             return _copy(own), {"received": 0.0, "vca_scale": 1.0}
-        c, n = float(self.c), len(senders)
+        c, n, eps = self.options.c, len(senders), self.options.eps
         models = [own, *(received[j] for j in senders)]
         out = _mix64(models, [c] + [(1 - c) / n] * n)
         scales = []
@@ -238,27 +262,18 @@ class VarianceCorrected(GossipRule):
                 continue
             tgt = self.target_var(a, [received[j][name] for j in senders])
             var = tensor_var(out[name])
-            if var + self.eps > 0:
-                scales.append(np.sqrt((tgt + self.eps) / (var + self.eps)))
-            out[name] = variance_correct(out[name], tgt, self.eps)
+            if var + eps > 0:
+                scales.append(np.sqrt((tgt + eps) / (var + eps)))
+            out[name] = variance_correct(out[name], tgt, eps)
         facts = {"received": float(n), "vca_scale": float(np.mean(scales)) if scales else 1.0}
         return _cast(out, own), facts
 
 
 @GOSSIP_RULES.register("swarm")
-@dataclass(frozen=True)
 class Swarm(GossipRule):
     """Swarm consensus over the closed neighbourhood (module docstring; docs/methods.md#gossip-swarm)."""
 
-    k: int = DEFAULTS["k"]
-    T: int = DEFAULTS["T"]
-    tau: float = DEFAULTS["tau"]
-    omega: float = DEFAULTS["omega"]
-    phi1: float = DEFAULTS["phi1"]
-    phi2: float = DEFAULTS["phi2"]
-
-    def __post_init__(self) -> None:
-        check_params(self.k, self.T, self.tau, self.omega, self.phi1, self.phi2)
+    Options = SwarmOptions  # score: what the engine asks the validators for (accuracy or -NLL)
 
     @staticmethod
     def candidates(models: Mapping[int, Arrays]) -> tuple[list[tuple[int, int]], list[Arrays], dict[int, Arrays]]:
@@ -305,7 +320,7 @@ class Swarm(GossipRule):
         own_members, _ = split_members(own)
         slots = len(own_members)
         members, weights, steps, agreement = swarm_consensus(
-            s, conf, min(self.k, max(slots, 1)), self.T, self.tau, self.omega, self.phi1, self.phi2
+            s, conf, **{**self.options.model_dump(exclude={"score"}), "k": min(self.options.k, max(slots, 1))}
         )
         facts = {"received": float(len(received)), "swarm_steps": float(steps), "swarm_agreement": float(agreement)}
         if slots == 0:  # a plain model: the best candidate, whole

@@ -48,8 +48,8 @@ def test_defaults_and_federated_mode_unchanged():
 
 @pytest.mark.parametrize("bad, needle", [
     ({"gossip": {"rule": "nope"}}, "gossip.rule: unknown gossip rule 'nope'"),
-    ({"gossip": {"rule": "vca", "params": {"target": "x"}}}, "gossip.params: vca: target must be"),
-    ({"gossip": {"rule": "average", "params": {"bogus": 1}}}, "gossip.params:"),
+    ({"gossip": {"rule": "vca", "params": {"target": "x"}}}, "gossip.params.target: should be 'others', 'self' or 'conservative'"),
+    ({"gossip": {"rule": "average", "params": {"bogus": 1}}}, "gossip.params.bogus: unknown key"),
     ({"gossip": {"drop_prob": 1.5}}, "gossip.drop_prob:"),
     ({"gossip": {"active_fraction": 0}}, "gossip.active_fraction:"),
     ({"gossip": {"typo": 1}}, "gossip.typo: unknown key"),

@@ -16,8 +16,8 @@ from fedens.decentralized.rules import (
     make_rule,
     mix,
 )
-from fedens.strategies.swarm import allocate_slots, swarm_consensus
-from fedens.strategies.vca import tensor_var
+from fedens.algorithms.swarm import allocate_slots, swarm_consensus
+from fedens.algorithms.vca import tensor_var
 
 CTX = GossipContext(node=0)
 
@@ -36,7 +36,7 @@ def model(w: np.ndarray, **extra: np.ndarray) -> dict[str, np.ndarray]:
 def test_registry_and_options():
     assert GOSSIP_RULES.names() == ["average", "swarm", "vca"]
     assert make_rule("vca", {"c": 0.3}) == VarianceCorrected(c=0.3)
-    with pytest.raises(ValueError, match="'conservative' is now 'c'"):
+    with pytest.raises(ValueError, match="conservative: renamed to c"):
         make_rule("vca", {"conservative": 0.3})
     with pytest.raises(ValueError, match="gossip rule 'average'"):
         make_rule("average", {"alpha": 1})
@@ -44,8 +44,10 @@ def test_registry_and_options():
         VarianceCorrected(target="mine")
     with pytest.raises(ValueError, match="self_weight"):
         Average(self_weight=1.5)
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="^k: should be greater than or equal to 1$"):
         Swarm(k=0)
+    with pytest.raises(ValueError, match="^gossip rule 'swarm': score: should be 'accuracy' or 'nll'$"):
+        make_rule("swarm", {"score": "f1"})
 
 
 # --------------------------------------------------------------------------- average
@@ -331,3 +333,16 @@ def test_layer_variance():
     b = {"w": arr(2.0, -2.0, 2.0, -2.0), "b": arr(1.0), "1.running_var": arr(3.0, 9.0),
          "precision.w": arr(1.0, 9.0), "mean.w": arr(0.0, 4.0)}
     assert layer_variance([a, b]) == pytest.approx({"w": (4 / 3 + 16 / 3) / 2, "mean.w": (2.0 + 8.0) / 2})
+
+
+def test_a_dataclass_plugin_rule_still_works():
+    # Written before rules had Options: its fields are validated into the parent's Options.
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Half(Average):
+        self_weight: float = 0.5
+
+    assert Half().options.self_weight == 0.5 and Half(self_weight=0.25).weights(0, [1], GossipContext(0)).tolist() == [0.25, 0.75]
+    with pytest.raises(ValueError, match="^self_weight: should be less than or equal to 1$"):
+        Half(self_weight=2.0)

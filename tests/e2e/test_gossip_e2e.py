@@ -33,7 +33,7 @@ GOSSIP = {
 RULES = {
     "average": {"gossip": {"rule": "average"}},
     "vca": {"gossip": {"rule": "vca"}},
-    "swarm": {"gossip": {"rule": "swarm", "params": {"k": 3}}, "learner": {"kind": "deep_ensemble", "members": 2}},
+    "swarm": {"gossip": {"rule": "swarm", "params": {"k": 3, "score": "nll"}}, "learner": {"kind": "deep_ensemble", "members": 2}},
 }
 
 

@@ -60,12 +60,14 @@ class Average(FedensStrategy):
         return weighted_average(arrays, weights)
 '''
 RULE = '''
-from dataclasses import dataclass
-from fedens.decentralized.rules import Average
+from pydantic import Field
+from fedens.decentralized.rules import Average, AverageOptions
 
-@dataclass(frozen=True)
+class HalfOptions(AverageOptions):
+    self_weight: float | None = Field(0.5, ge=0, le=1)
+
 class Half(Average):
-    self_weight: float = 0.5
+    Options = HalfOptions
 '''
 
 

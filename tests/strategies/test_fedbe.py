@@ -146,8 +146,9 @@ def test_bind_with_an_empty_public_split_raises():
 def test_registered_with_defaults_and_checked_params():
     assert STRATEGIES.get("fedbe") is FedBE and FedBE.supported_learners == ("single",)
     s = build_strategy(FedBE, {"fraction_train": 1.0, "min_available_nodes": 3}, {"distill_epochs": 2})
-    assert (s.num_samples, s.var_scale, s.temperature, s.distill_epochs, s.distill_lr) == (10, 0.1, 0.5, 2, 0.01)
-    assert FedBE().distill_epochs == 20
+    o = s.options
+    assert (o.num_samples, o.var_scale, o.temperature, o.distill_epochs, o.distill_lr) == (10, 0.1, 0.5, 2, 0.01)
+    assert FedBE().options.distill_epochs == 20
     with pytest.raises(ValueError, match="var_scale"):
         FedBE(var_scale=-1)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fedens.strategies import STRATEGIES
-from fedens.strategies.posterior_avg import PosteriorAveraging, precision_weighted_average
+from fedens.algorithms.arrays import precision_weighted_average
+from fedens.strategies.posterior_avg import PosteriorAveraging
 from fedens.strategies.posterior_product import PosteriorProduct, posterior_product
 from fedens.strategies.uncertainty_merge import UncertaintyMerge, gradient_matching_merge
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fedens.strategies import STRATEGIES
-from fedens.strategies.swarm import SwarmStrategy, allocate_slots, rank, swarm_consensus
+from fedens.algorithms.swarm import allocate_slots, rank, swarm_consensus
+from fedens.strategies.swarm import SwarmStrategy
 
 nan = np.nan
 # 4 nodes, one candidate each (row i = node i's model), columns = validators; a node does not
@@ -114,11 +115,14 @@ def test_registered_with_defaults_and_checked_params():
     assert STRATEGIES.get("swarm") is SwarmStrategy
     assert SwarmStrategy.supported_learners == ("deep_ensemble",)
     s = SwarmStrategy()
-    assert (s.k, s.T, s.tau, s.omega, s.phi1, s.phi2, s.score_kind) == (3, 10, 0.1, 0.5, 0.3, 0.2, "accuracy")
-    with pytest.raises(ValueError):
+    o = s.options
+    assert (o.k, o.T, o.tau, o.omega, o.phi1, o.phi2, o.score) == (3, 10, 0.1, 0.5, 0.3, 0.2, "accuracy")
+    with pytest.raises(ValueError, match="score: should be 'accuracy' or 'nll'"):
         SwarmStrategy(score="f1")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="omega: should be greater than or equal to 0"):
         SwarmStrategy(omega=-1)
+    with pytest.raises(ValueError, match="their sum must be > 0"):
+        SwarmStrategy(omega=0, phi1=0, phi2=0)
 
 
 def test_k_above_the_pool_and_no_validation_data_are_invalid_scenarios():

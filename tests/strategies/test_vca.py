@@ -7,7 +7,8 @@ import pytest
 
 from fedens.strategies import STRATEGIES
 from fedens.strategies.base import weighted_average
-from fedens.strategies.vca import VarianceCorrectedAveraging, tensor_var, variance_correct
+from fedens.algorithms.vca import tensor_var, variance_correct
+from fedens.strategies.vca import VarianceCorrectedAveraging
 
 EQUAL3 = np.full(3, 1 / 3)
 
@@ -44,7 +45,7 @@ UNTOUCHED = ("1.running_mean", "1.running_var", "1.num_batches_tracked", "2.scal
 
 def test_registered():
     assert STRATEGIES.get("vca") is VarianceCorrectedAveraging
-    with pytest.raises(ValueError, match="target must be one of"):
+    with pytest.raises(ValueError, match="target: should be 'others', 'self' or 'conservative'"):
         VarianceCorrectedAveraging(target="mine")
 
 
@@ -126,7 +127,11 @@ def test_self_target_needs_the_global_model():
         VarianceCorrectedAveraging(target="self").aggregate_arrays(1, clients(), EQUAL3)
 
 
-@pytest.mark.parametrize("kwargs", [{"target": "mine"}, {"eps": -1.0}, {"eps": float("nan")}, {"c": 1.5}, {"c": -0.1}])
-def test_bad_params_rejected(kwargs):
-    with pytest.raises(ValueError, match="vca"):
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"target": "mine"}, "target: should be"), ({"eps": -1.0}, "eps: should be greater than or equal to 0"),
+    ({"eps": float("nan")}, "eps: should be a finite number"), ({"c": 1.5}, "c: should be less than or equal to 1"),
+    ({"c": -0.1}, "c: should be greater than or equal to 0"),
+])
+def test_bad_params_rejected(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
         VarianceCorrectedAveraging(**kwargs)

@@ -30,7 +30,7 @@ from fedens.faults import Faults, InjectedCrash, corrupt, draw, flip_labels
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics
-from fedens.objectives import objective_from_config
+from fedens.algorithms import objective_from_config
 from fedens.payload import ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed, seed_torch, seeded_generator
@@ -114,7 +114,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         config = records_of(msg.content, ConfigRecord).get("config", {})
         state = records_of(context.state, ArrayRecord).get(OBJECTIVE_STATE)
         learner.objective = objective_from_config(
-            config, from_record(state) if state is not None else {}, global_arrays, device, len(data)
+            config, from_record(state) if state is not None else {}, global_arrays, device, len(data), server_round
         )
         t0 = time.perf_counter()
         metrics = learner.fit(data, generator, server_round)

@@ -1,30 +1,25 @@
-"""FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020).
-
-Client: ``l_k(w) + (mu / 2) ||w - w_g||^2`` — the squared norm of the paper. (The bayes-admm
-reference implementation uses the unsquared ``torch.norm``; docs/methods.md#fedprox notes it; we
-follow the paper.) The term lives on the client (``fedens.objectives.Prox``); the server step
-is FedAvg's.
+"""FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020;
+docs/methods.md#fedprox): FedAvg on the server; the clients train with the proximal term of
+``fedens.algorithms.fedprox``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fedens.algorithms.fedprox import FedProxOptions, ProxTerm
 from fedens.strategies import STRATEGIES
 from fedens.strategies.base import FedensStrategy
 
 
 class FedProx(FedensStrategy):
-    supported_learners = ("single",)  # and its subclasses: the term is added in single's loop
+    """FedProx: FedAvg whose clients add the proximal term (mu / 2) ||w - w_g||^2 to their loss."""
 
-    def __init__(self, mu: float = 0.01, **fedavg_kwargs: Any) -> None:
-        if not mu >= 0:
-            raise ValueError(f"mu must be >= 0, got {mu!r}")
-        super().__init__(**fedavg_kwargs)
-        self.mu = mu
+    supported_learners = ("single",)  # and its subclasses: the term is added in single's loop
+    Options = FedProxOptions
 
     def train_config(self, server_round: int) -> dict[str, Any]:
-        return {"objective": "prox", "objective.mu": float(self.mu)}
+        return ProxTerm.message_config(self.options)
 
 
 STRATEGIES.add("fedprox", FedProx)

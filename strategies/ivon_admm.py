@@ -2,7 +2,9 @@
 from Bayesian Duality", ICLR 2026, arXiv 2506.13150; docs/methods.md#ivon-admm): federated
 variational learning with diagonal Gaussian posteriors, ADMM on the natural parameters.
 
-- Client (``fedens.objectives.IvonAdmm`` + the ``ivon`` learner): IVON with ess
+The client's setup, the dual step and the server's step are in ``fedens.algorithms.ivon_admm``:
+
+- Client (``IvonAdmmTerm`` + the ``ivon`` learner): IVON with ess
   ``λ_k = (N_k/τ)/ρ_s``, prior = the global posterior ``N(m_g, 1/S_g)``, the Lagrangian terms
   ``ṽ = v_k/(N_k/τ)``, ``Ṽ = V_k/(N_k/τ)``; it returns its posterior ``(m_k, S_k)``.
 - Dual (client and server alike, ``ivon_admm_dual_update``): ``v_k += d ρ_s (S_g m_g − S_k m_k)``,
@@ -47,66 +49,38 @@ from typing import Any
 
 import numpy as np
 
-from fedens.objectives import ivon_admm_dual_update
+from fedens.algorithms.ivon_admm import PRECISION, IvonAdmmOptions, IvonAdmmTerm, ivon_admm_dual_update, ivon_admm_server_step
 from fedens.strategies import STRATEGIES
 from fedens.strategies.base import Arrays, FedensStrategy, join_posterior, split_posterior, weighted_average
 
 
-def ivon_admm_server_step(posteriors: list[Arrays], duals: list[Arrays], rho: float, prior_precision: float,
-                          min_precision: float = 1e-6) -> tuple[Arrays, Arrays]:
-    """``(m_g, S_g)`` by name (float64) from the K replying clients' ``mean.<n>``/``precision.<n>``
-    and every client's ``dual_mean.<n>``/``dual_prec.<n>`` (module docstring)."""
-    alpha = 1.0 / (1.0 + len(posteriors) * rho)
-    means, precisions = {}, {}
-    for key in posteriors[0]:
-        if not key.startswith("mean."):
-            continue
-        n = key[5:]
-        s_bar = np.mean([p[f"precision.{n}"].astype(np.float64) for p in posteriors], 0)
-        sm_bar = np.mean([p[f"precision.{n}"].astype(np.float64) * p[key].astype(np.float64) for p in posteriors], 0)
-        v_sum = sum((d[f"dual_mean.{n}"] for d in duals if f"dual_mean.{n}" in d), np.zeros_like(s_bar))
-        V_sum = sum((d[f"dual_prec.{n}"] for d in duals if f"dual_prec.{n}" in d), np.zeros_like(s_bar))
-        raw = (1 - alpha) * s_bar + alpha * (prior_precision - V_sum)
-        floored = raw <= min_precision
-        # where floored, the clients' precision-weighted mean: dividing by the floor would send
-        # the mean to +-1e6 and wreck the network (as in posterior_product)
-        mean = np.where(floored, sm_bar / s_bar, ((1 - alpha) * sm_bar - alpha * v_sum) / np.where(floored, 1.0, raw))
-        means[n], precisions[n] = mean, np.where(floored, min_precision, raw)
-    return means, precisions
-
-
 class IvonAdmm(FedensStrategy):
-    supported_learners = ("ivon",)
+    """IVON-ADMM: federated ADMM on the natural parameters of the clients' IVON posteriors."""
 
-    def __init__(self, rho: float = 1.0, tau: float = 0.1, damping: float = 0.1, prior_precision: float = 0.1,
-                 rescale_lr: bool = False, min_precision: float = 1e-6, **fedavg_kwargs: Any) -> None:
-        for key, value in (("rho", rho), ("tau", tau), ("damping", damping), ("prior_precision", prior_precision),
-                           ("min_precision", min_precision)):
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-                raise ValueError(f"ivon_admm: {key} must be a finite number > 0, got {value!r}")
-        super().__init__(**fedavg_kwargs)
-        self.rho, self.tau, self.damping = float(rho), float(tau), float(damping)
-        self.prior_precision, self.min_precision, self.rescale_lr = float(prior_precision), float(min_precision), bool(rescale_lr)
-        self.duals: dict[int, Arrays] = {}  # partition id -> {"dual_mean.<n>": v_k, "dual_prec.<n>": V_k}
+    supported_learners = ("ivon",)
+    Options = IvonAdmmOptions
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.duals: dict[int, Arrays] = {}  # partition id -> {DUAL_MEAN + n: v_k, DUAL_PREC + n: V_k}
 
     def train_config(self, server_round: int) -> dict[str, Any]:
-        return {"objective": "ivon_admm", "objective.rho": self.rho, "objective.tau": self.tau,
-                "objective.damping": self.damping, "objective.first": int(server_round == 1),
-                "objective.rescale_lr": int(self.rescale_lr)}
+        return IvonAdmmTerm.message_config(self.options)
 
     def outgoing(self, server_round: int, arrays: Arrays) -> Arrays:
         if server_round > 1:
             return arrays
         # round 1: the global posterior before any data is (initial network, S_0)
-        return {k: np.full_like(v, self.prior_precision) if k.startswith("precision.") else v for k, v in arrays.items()}
+        s0 = self.options.prior_precision
+        return {k: np.full_like(v, s0) if k.startswith(PRECISION) else v for k, v in arrays.items()}
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
-        wg = self.global_arrays
+        wg, o = self.global_arrays, self.options
         assert wg is not None
         for pid, reply in zip(self.reply_partitions, arrays):
-            self.duals[pid] = ivon_admm_dual_update(self.duals.get(pid, {}), reply, wg, self.damping * self.rho)
-        means, precisions = ivon_admm_server_step(arrays, list(self.duals.values()), self.rho, self.prior_precision,
-                                                  self.min_precision)
+            self.duals[pid] = ivon_admm_dual_update(self.duals.get(pid, {}), reply, wg, o.damping * o.rho)
+        means, precisions = ivon_admm_server_step(arrays, list(self.duals.values()), o.rho, o.prior_precision,
+                                                  o.min_precision)
         _, _, rest = split_posterior(arrays[0])
         buffers = weighted_average([split_posterior(a)[2] for a in arrays], weights) if rest else {}
         dtypes = {k: v.dtype for k, v in arrays[0].items()}

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedens.objectives import Dyn, Prox, objective_from_config
-from fedens.strategies.feddyn import feddyn_server_step
+from fedens.algorithms import objective_from_config
+from fedens.algorithms.feddyn import DynTerm as Dyn
+from fedens.algorithms.fedprox import ProxTerm as Prox
+from fedens.algorithms.feddyn import feddyn_server_step
 
 CPU = torch.device("cpu")
 
@@ -39,7 +41,12 @@ def test_dyn_penalty_and_state_update_by_hand():
 def test_objective_from_config():
     assert objective_from_config({}, {}, {}, CPU) is None
     obj = objective_from_config({"objective": "prox", "objective.mu": 0.1, "server-round": 3}, {}, {}, CPU)
-    assert isinstance(obj, Prox) and obj.config == {"mu": 0.1}
+    assert isinstance(obj, Prox) and obj.options.mu == 0.1 and obj.server_round == 0
+    # what the strategy sends is what the client rebuilds: the same Options, the round passed on
+    sent = Prox.message_config(Prox.Options(mu=0.25))
+    assert sent == {"objective": "prox", "objective.mu": 0.25}
+    again = objective_from_config(sent, {}, {}, CPU, server_round=4)
+    assert again.options == Prox.Options(mu=0.25) and again.server_round == 4
 
 
 def test_feddyn_server_step_by_hand():
@@ -77,7 +84,7 @@ def test_fedlap_reaches_the_ridge_fixed_point_with_client_and_server_duals_in_st
     by each client with its FedLap term. The global model reaches the pooled MAP
     (sum_k X_k^T X_k + delta I)^-1 sum_k X_k^T y_k, i.e. sum_k N_k grad l_k(w) + delta w = 0, and
     the clients' own duals equal the server's copies (full participation)."""
-    from fedens.objectives import Lap
+    from fedens.algorithms.fedlap import LapTerm as Lap
     from fedens.strategies.fedlap import fedlap_server_step
 
     rng = np.random.default_rng(0)
@@ -110,7 +117,7 @@ def test_fedlap_reaches_the_ridge_fixed_point_with_client_and_server_duals_in_st
 
 
 def test_lap_penalty_gradient_is_the_scaled_admm_term():
-    from fedens.objectives import Lap
+    from fedens.algorithms.fedlap import LapTerm as Lap
 
     wg = {"w": np.array([1.0, -1.0])}
     state = {"dual.w": np.array([0.5, 0.0]), "last.w": np.array([1.0, -1.0])}  # last == w_g: no dual step
@@ -122,7 +129,7 @@ def test_lap_penalty_gradient_is_the_scaled_admm_term():
 
 
 def test_fedadmm_client_dual_and_server_step_by_hand():
-    from fedens.objectives import Admm
+    from fedens.algorithms.fedadmm import AdmmTerm as Admm
     from fedens.strategies.fedadmm import fedadmm_server_step
 
     wg = {"w": np.array([1.0])}
@@ -140,7 +147,7 @@ def test_fedadmm_client_dual_and_server_step_by_hand():
 
 
 def test_diag_ggn_matches_the_explicit_formula():
-    from fedens.objectives import diag_ggn
+    from fedens.algorithms.fedlap_cov import diag_ggn
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
@@ -163,7 +170,7 @@ def test_diag_ggn_matches_the_explicit_formula():
 def test_fedlap_cov_converges_in_one_step_on_a_diagonal_quadratic():
     """Ridge regression with orthogonal features (diagonal Hessian X_k^T X_k), exact client
     solves, exact curvature and rho = 1: the first server step is the pooled MAP."""
-    from fedens.objectives import lapcov_dual_update
+    from fedens.algorithms.fedlap_cov import lapcov_dual_update
     from fedens.strategies.fedlap_cov import fedlap_cov_server_step
 
     rng = np.random.default_rng(1)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedens.objectives import IvonAdmm, ivon_admm_dual_update
+from fedens.algorithms.ivon_admm import IvonAdmmTerm, ivon_admm_dual_update
 from fedens.strategies import resolve_strategy
-from fedens.strategies.ivon_admm import ivon_admm_server_step
+from fedens.algorithms.ivon_admm import ivon_admm_server_step
 
 CPU = torch.device("cpu")
 
@@ -92,7 +92,7 @@ def test_client_setup_scales_the_duals_and_sets_prior_and_posterior():
     global_arrays = {k: (np.full_like(v, 5.0) if k.startswith("precision.") else v) for k, v in arrays.items()}
     state = {f"dual_mean.{n}": np.full(global_arrays[f"mean.{n}"].shape, 2.0) for n in names}
     state |= {f"dual_prec.{n}": np.full(global_arrays[f"mean.{n}"].shape, -4.0) for n in names}
-    obj = IvonAdmm({"rho": 2.0, "tau": 0.5, "damping": 0.1, "first": 0}, state, global_arrays, CPU)
+    obj = IvonAdmmTerm({"rho": 2.0, "tau": 0.5, "damping": 0.1}, state, global_arrays, CPU, server_round=2)
     setup = obj.ivon_setup(names, num_examples=100)
     assert setup.ess == pytest.approx(100 / 0.5 / 2.0)  # (N_k/τ)/ρ_s
     assert torch.allclose(setup.v_tilde, torch.full_like(setup.v_tilde, 2.0 / 200))  # v_k/(N_k/τ)
@@ -102,7 +102,7 @@ def test_client_setup_scales_the_duals_and_sets_prior_and_posterior():
     assert torch.allclose(precision, torch.full_like(precision, 5.0))  # started at S_g
     assert torch.equal(mean, setup.prior_mean)
     assert torch.allclose(opt.param_groups[0]["weight_decay"], torch.full_like(precision, 5.0 / 100))  # δ = S_g/λ
-    first = IvonAdmm({"rho": 2.0, "tau": 0.5, "damping": 0.1, "first": 1}, {}, global_arrays, CPU)
+    first = IvonAdmmTerm({"rho": 2.0, "tau": 0.5, "damping": 0.1}, {}, global_arrays, CPU, server_round=1)
     opt1 = learner._prior_optimizer(first.ivon_setup(names, 100))
     # round 1: hess = hess_init, so the precision is λ(h0 + S_g/λ) = 100 * 3 + 5
     assert torch.allclose(opt1.posterior()[1], torch.full_like(precision, 100 * 3.0 + 5.0))

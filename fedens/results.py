@@ -165,7 +165,7 @@ class RunRecorder:
         self.dir = Path(run_dir)
         self.scn = scn
         self.rows: list[dict[str, Any]] = list(resume_rows or [])
-        self.reliability: dict[str, Any] | None = None
+        self.reliability: dict[str, Any] | None = None  # set by record_reliability (or a resumed run's)
         self.started = time.time()
         self.resumed = resume_rows is not None
         (self.dir / "scenario.yaml").write_text(scn.to_yaml(), encoding="utf-8")
@@ -181,6 +181,13 @@ class RunRecorder:
             logging.getLogger(name).addHandler(self._log_handler)
         self._board = TensorBoard(self.dir / "tensorboard") if scn.output.tensorboard else None
         self.write_summary("running")
+
+    def record_reliability(self, bins: Mapping[str, Any], label: str) -> None:
+        """The final reliability diagram of the run (``summary.json`` and ``reliability.png``):
+        ``fedens.metrics.reliability_bins`` of the final predictions, and what they are of. Called
+        once, by the run's evaluator (federated: the final global model; gossip: every node's,
+        pooled)."""
+        self.reliability = {**bins, "label": label}
 
     @property
     def log_path(self) -> Path:

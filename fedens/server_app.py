@@ -217,8 +217,8 @@ class RoundEvaluator:
             metrics["ood_auroc"] = ood_auroc(scores_in["entropy"], scores_out["entropy"])
             metrics["ood_auroc_mi"] = ood_auroc(scores_in["mutual_information"], scores_out["mutual_information"])
         if final:
-            self.recorder.reliability = {**reliability_bins(probs, labels, self.scn.evaluate.n_bins),
-                                         "label": "final global model, test set"}
+            self.recorder.record_reliability(reliability_bins(probs, labels, self.scn.evaluate.n_bins),
+                                             "final global model, test set")
         return {"round": server_round, "scope": scope, "time_s": now, **metrics, "num_examples": len(ds),
                 "members": member_probs.shape[0]}
 

@@ -203,8 +203,8 @@ class GossipMeter:
                 if server_round == scn.rounds:  # a random node's calibration: all nodes' predictions pooled
                     labels = torch.from_numpy(ds.y).repeat(len(models))
                     pooled = probs.reshape(-1, probs.shape[-1])
-                    self.recorder.reliability = {**reliability_bins(pooled, labels, scn.evaluate.n_bins),
-                                                 "label": "every node's final model, test set, pooled"}
+                    self.recorder.record_reliability(reliability_bins(pooled, labels, scn.evaluate.n_bins),
+                                                     "every node's final model, test set, pooled")
         if val:
             pids = sorted(val)
             keys = [k for k in METRIC_KEYS if all(f"val_{k}" in val[p] for p in pids)]

@@ -62,25 +62,26 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> float:
     """Expected calibration error, L1, over ``n_bins`` equal-width bins of the top-1 confidence.
 
     ``sum_b |acc_b - conf_b| * n_b / n``. A confidence c falls in bin ``b`` with
-    ``edges[b] <= c < edges[b+1]``; c = 1 exactly falls in an extra bin of its own. This is
-    torchmetrics' binning, computed as it does in float32, so the numbers are the same."""
+    ``edges[b] <= c < edges[b+1]``, and the last bin is closed on the right: c = 1 exactly joins
+    ``[1 - 1/n_bins, 1]``. torchmetrics (1.x) gives c = 1 an extra bin of its own, which splits
+    the top bin and raises the ECE of an over-confident model (docs/methods.md#metrics has the
+    case); otherwise the numbers are torchmetrics', computed as it does in float32."""
     conf, pred = probs.max(1)
     conf = conf.float()
     correct = (pred == labels.long()).float()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
-    idx = torch.bucketize(conf, edges, right=True) - 1  # (batch,) in 0..n_bins
-    count = torch.zeros(n_bins + 1).scatter_add_(0, idx, torch.ones_like(conf))
-    conf_bin = torch.nan_to_num(torch.zeros(n_bins + 1).scatter_add_(0, idx, conf) / count)
-    acc_bin = torch.nan_to_num(torch.zeros(n_bins + 1).scatter_add_(0, idx, correct) / count)
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)  # (batch,)
+    count = torch.zeros(n_bins).scatter_add_(0, idx, torch.ones_like(conf))
+    conf_bin = torch.nan_to_num(torch.zeros(n_bins).scatter_add_(0, idx, conf) / count)
+    acc_bin = torch.nan_to_num(torch.zeros(n_bins).scatter_add_(0, idx, correct) / count)
     return float(torch.sum(torch.abs(acc_bin - conf_bin) * (count / count.sum())))
 
 
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> dict[str, list[float]]:
     """Per-bin accuracy, mean confidence and count over equal-width confidence bins.
 
-    A confidence c falls in bin ``b`` with ``edges[b] <= c < edges[b+1]``, as in torchmetrics,
-    so ``sum_b count_b/n |acc_b - conf_b|`` is the ECE above. One difference, for display only:
-    torchmetrics puts c = 1 exactly in a bin of its own, here it joins the last bin. Empty
+    A confidence c falls in bin ``b`` with ``edges[b] <= c < edges[b+1]``, the last bin closed on
+    the right, as in ``ece``, so ``sum_b count_b/n |acc_b - conf_b|`` is the ECE above. Empty
     bins have accuracy and confidence 0.
     """
     probs = probs.detach().double().cpu()

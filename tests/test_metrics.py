@@ -116,11 +116,18 @@ def test_accuracy_ece_auroc_equal_torchmetrics():
     for t in range(60):
         n, c, bins = int(torch.randint(1, 400, (1,), generator=g)), int(torch.randint(2, 12, (1,), generator=g)), 2 + t % 15
         probs = torch.softmax(8 * float(torch.rand(1, generator=g)) * torch.randn(n, c, generator=g, dtype=torch.float64), 1)
-        if t % 4 == 0:  # confidences of exactly 1 fall in a bin of their own
+        if t % 4 == 0:  # confidences of exactly 1: torchmetrics gives them a bin of their own, fedens the top bin
             probs[: n // 3] = torch.nn.functional.one_hot(torch.randint(0, c, (n // 3,), generator=g), c).double()
         labels = torch.randint(0, c, (n,), generator=g)
         assert accuracy(probs, labels) == float(tm.multiclass_accuracy(probs, labels, num_classes=c, average="micro"))
-        assert ece(probs, labels, bins) == float(tm.multiclass_calibration_error(probs, labels, num_classes=c, n_bins=bins))
+        if t % 4:
+            assert ece(probs, labels, bins) == pytest.approx(
+                float(tm.multiclass_calibration_error(probs, labels, num_classes=c, n_bins=bins)), abs=1e-6)
+        else:  # by hand: bin b = min(floor(conf * bins), bins - 1)
+            conf, pred = probs.max(1)
+            b = torch.clamp((conf * bins).floor().long(), max=bins - 1)
+            want = sum(abs(float(((pred == labels) & (b == k)).double().sum() - conf[b == k].sum())) / n for k in range(bins))
+            assert ece(probs, labels, bins) == pytest.approx(want, abs=1e-5)
         s_in = torch.rand(n, generator=g, dtype=torch.float64)
         s_out = torch.rand(max(n // 2, 1), generator=g, dtype=torch.float64) + 0.3
         if t % 3 == 0:  # ties
@@ -136,3 +143,18 @@ def test_auroc_by_hand():
     assert ood_auroc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])) == pytest.approx(0.875)
     assert ood_auroc(torch.tensor([0.0, 0.1]), torch.tensor([0.5, 0.9])) == 1.0
     assert ood_auroc(torch.tensor([0.5, 0.9]), torch.tensor([0.0, 0.1])) == 0.0
+
+
+def test_ece_closes_the_last_bin_on_the_right():
+    # 5 wrong predictions at confidence exactly 1.0 and 6 right ones at 0.95. One top bin
+    # [0.9, 1]: accuracy 6/11, confidence (5 + 6 * 0.95)/11 = 10.7/11, so ECE = 4.7/11. With 1.0 in
+    # a bin of its own (torchmetrics 1.x) the bins would be scored apart: (5 * 1 + 6 * 0.05)/11.
+    probs = torch.tensor([[1.0, 0.0]] * 5 + [[0.95, 0.05]] * 6)
+    labels = torch.tensor([1] * 5 + [0] * 6)
+    assert classification_metrics(probs, labels, 10)["ece"] == pytest.approx(4.7 / 11, abs=1e-6)
+    split = (5 * 1.0 + 6 * 0.05) / 11
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    assert float(multiclass_calibration_error(probs, labels, num_classes=2, n_bins=10)) == pytest.approx(split, abs=1e-6)
+    bins = reliability_bins(probs, labels, 10)
+    assert bins["count"][-1] == 11 and bins["accuracy"][-1] == pytest.approx(6 / 11)

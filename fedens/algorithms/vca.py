@@ -30,6 +30,13 @@ def variance_correct(avg: np.ndarray, target_var: float, eps: float = 1e-4) -> n
     return (a - mean) * np.sqrt((target_var + eps) / (var + eps)) + mean
 
 
+def is_norm_statistic(name: str) -> bool:
+    """A normalisation layer's running statistic (``running_mean``, ``running_var``,
+    ``num_batches_tracked``): not a weight, so never rescaled; in gossip mode each node keeps
+    its own, as the authors' code does (docs/methods.md#gossip-vca)."""
+    return any(s in name for s in _NORM_STATS)
+
+
 def is_corrected(name: str, array: np.ndarray) -> bool:
     """Whether ``vca`` rescales the tensor ``name`` (module docstring)."""
     return (
@@ -37,7 +44,7 @@ def is_corrected(name: str, array: np.ndarray) -> bool:
         and array.size > 1
         and not name.startswith("precision.")
         and not name.endswith(".filled")
-        and not any(s in name for s in _NORM_STATS)
+        and not is_norm_statistic(name)
     )
 
 

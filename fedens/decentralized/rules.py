@@ -33,8 +33,10 @@ turns a bad option into a one-line ``ValueError``):
     ``self``: ``Var(W_own,l)``, ``conservative``: ``c Var(W_own,l) + (1 - c) others``.
     ``Var(W_own,l)`` is the variance of the node's model BEFORE mixing (the paper's equation;
     the same reading as the federated ``vca`` strategy; the reference code reads the already-mixed model).
-    Tensors ``fedens.algorithms.vca.is_corrected`` rejects (normalisation statistics, one-element
-    tensors, ``precision.*``, ``*.filled`` flags, non-float) get the plain mix. Ensemble members
+    Normalisation statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) are the
+    node's own, neither mixed nor rescaled (the authors' code). Other tensors
+    ``fedens.algorithms.vca.is_corrected`` rejects (one-element tensors, ``precision.*``,
+    ``*.filled`` flags, non-float) get the plain mix. Ensemble members
     are corrected member-wise (``member.{k}.<n>`` are distinct tensors).
 
 Posteriors (both rules). A ``mean.<n>`` whose ``precision.<n>`` is in the payload is mixed in
@@ -78,7 +80,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fedens.algorithms.arrays import precision_weighted_average, split_members
 from fedens.algorithms.swarm import SwarmOptions, allocate_slots, fill_slots, swarm_consensus
-from fedens.algorithms.vca import VCAOptions, is_corrected, target_variance, tensor_var, variance_correct
+from fedens.algorithms.vca import VCAOptions, is_corrected, is_norm_statistic, target_variance, tensor_var, variance_correct
 from fedens.options import Options as BaseOptions
 from fedens.options import first_error
 from fedens.registry import Registry
@@ -256,6 +258,9 @@ class VarianceCorrected(GossipRule):
         c, n, eps = self.options.c, len(senders), self.options.eps
         models = [own, *(received[j] for j in senders)]
         out = _mix64(models, [c] + [(1 - c) / n] * n)
+        for name in out:
+            if is_norm_statistic(name):  # each node keeps its own running statistics
+                out[name] = np.asarray(own[name], dtype=np.float64)
         scales = []
         for name, a in own.items():
             if not is_corrected(name, a):

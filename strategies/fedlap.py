@@ -31,7 +31,8 @@ class FedLap(FedensStrategy):
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         assert self.global_arrays is not None
         trained = dict(zip(self.reply_partitions, arrays))
-        new, self.duals = fedlap_server_step(self.duals, trained, self.global_arrays, self.options.rho)
+        new, self.duals = fedlap_server_step(self.duals, trained, self.global_arrays, self.options.rho,
+                                             self.options.dual_against)
         return new
 
 

@@ -8,18 +8,23 @@ docs/methods.md#fedlap): federated ADMM read as Bayesian learning with isotropic
 - Fixed point: ``sum_k N_k grad l_k(w) + delta w = 0``, the MAP of the pooled data under the
   prior N(0, 1/delta) (tested on ridge regression against the closed form).
 
-Order of the server's step (our reading of the paper's "dual, then w_g = sum_k v_k"): the duals
-are stepped against the *new* global model, and the new global is the sum of the new duals.
-Both at once have the closed form
+Which ``w_g`` the dual step uses (``dual_against``):
 
-    w_g = (sum_{all k} v_k + rho sum_{k sampled} w_k) / (1 + rho |sampled|),
-    v_k <- v_k + rho (w_k - w_g)   for the sampled k,
+- ``trained_from`` (default; the authors' code): the global model the client trained from. The
+  client steps its own dual right after training, the server repeats the step, and the new
+  global is the sum of the new duals: ``v_k <- v_k + rho (w_k - w_g^old)``, ``w_g = sum_k v_k``.
+- ``new_global`` (fedens' earlier reading of the paper's "dual, then w_g = sum_k v_k"): the duals
+  are stepped against the *new* global model, which then is the sum of the new duals. Both at
+  once have the closed form ``w_g = (sum_{all k} v_k + rho sum_{k sampled} w_k) / (1 + rho
+  |sampled|)``, then ``v_k <- v_k + rho (w_k - w_g)``; with ``rho = 1`` this is standard consensus
+  ADMM with the prior as the z-step's regulariser. The client sees that ``w_g`` only in its next
+  message, so it keeps its last weights (``LAST``) and applies the step then.
 
-so ``w_g = sum_k v_k`` holds exactly after every round; with ``rho = 1`` this is standard
-consensus ADMM with the prior as the z-step's regulariser, ``rho < 1`` damps it. (Stepping the
-duals against the *old* global and then summing diverges at ``rho = 1`` on quadratics; we
-checked.) The server keeps every client's dual by partition id; a client keeps its own in
-``context.state``.
+Stability, measured (docs/methods.md#fedlap has the tables): on ridge regression with exact
+client solves, ``trained_from`` diverges once ``rho`` times the number of clients is about 2 or
+more (3 clients: rho 1; 20 clients: rho 0.2), ``new_global`` converges for every rho in (0, 1].
+Both reach ``w_g = sum_k v_k`` exactly after every round. The server keeps every client's dual by
+partition id; a client keeps its own in ``context.state``.
 
 Newton-like one-step convergence on quadratics is a property of the variant with exact
 curvature (FedLap-Cov with the true Hessian as the site precision); this isotropic variant uses
@@ -29,7 +34,7 @@ curvature (FedLap-Cov with the true Hessian as the site precision); this isotrop
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,18 +51,21 @@ LAST = "last."  # client state: its last trained weights, for the deferred dual 
 class FedLapOptions(Options):
     delta: float = Field(1.0, gt=0, allow_inf_nan=False, description="prior precision and ADMM penalty")
     rho: float = Field(0.5, gt=0, le=1, description="dual step size")
+    dual_against: Literal["trained_from", "new_global"] = Field(
+        "trained_from", description="the global model the dual step uses (trained_from: the authors' code)")
 
 
 @register
 class LapTerm(Objective):
     """``delta v_k^T w + (delta / 2) ||w - w_g||^2``, divided by N_k for the learner's mean loss.
 
-    The dual step ``v_k <- v_k + rho (w_k - w_g)`` uses the global model computed *from* ``w_k``
-    (module docstring), which the client only sees in the next message it gets. So the client
-    keeps ``DUAL<n>`` and its last trained ``LAST<n>`` and applies the step when the next round
-    starts. With full participation that is exactly the server's step; a client that skipped
-    rounds applies it with the newer global it receives (the server's copy of its dual used the
-    global of the round it trained in)."""
+    ``dual_against: trained_from``: after training, ``v_k <- v_k + rho (w_k - w_g)`` with the
+    global the client trained from, as the server repeats it. ``new_global``: the step uses the
+    global model computed *from* ``w_k`` (module docstring), which the client only sees in the
+    next message it gets, so it keeps ``DUAL<n>`` and its last trained ``LAST<n>`` and applies the
+    step when the next round starts. With full participation that is exactly the server's step;
+    a client that skipped rounds applies it with the newer global it receives (the server's copy
+    of its dual used the global of the round it trained in)."""
 
     name = "lap"
     Options = FedLapOptions
@@ -79,14 +87,26 @@ class LapTerm(Objective):
         return total
 
     def after_fit(self, trained: Arrays) -> Arrays:
+        if self.options.dual_against == "trained_from":
+            return dual_update(self.state, trained, self.global_arrays, self.options.rho)
         duals = {k: v for k, v in self.state.items() if k.startswith(DUAL)}
         return {**duals, **{LAST + k: v for k, v in trained.items() if k in self.global_arrays}}
 
 
 def fedlap_server_step(duals: dict[int, Arrays], trained: dict[int, Arrays], global_arrays: Arrays,
-                       rho: float) -> tuple[Arrays, dict[int, Arrays]]:
+                       rho: float, dual_against: str = "trained_from") -> tuple[Arrays, dict[int, Arrays]]:
     """``(new global, new duals)`` from every client's duals (``DUAL<name>``, by partition id)
-    and the sampled clients' trained arrays (by partition id)."""
+    and the sampled clients' trained arrays (by partition id); ``w_g = sum_k v_k`` after both."""
+    if dual_against == "trained_from":
+        new_duals = dict(duals)
+        for pid, w in trained.items():
+            new_duals[pid] = dual_update(duals.get(pid, {}), w, global_arrays, rho)
+        out: Arrays = {}
+        for name, wg in global_arrays.items():
+            floats = np.issubdtype(wg.dtype, np.floating)
+            out[name] = sum((d[DUAL + name] for d in new_duals.values() if DUAL + name in d),
+                            np.zeros_like(wg, np.float64)).astype(wg.dtype) if floats else wg
+        return out, new_duals
     new_global: Arrays = {}
     for name, wg in global_arrays.items():
         if not np.issubdtype(wg.dtype, np.floating):

@@ -79,16 +79,15 @@ def test_prox_keeps_a_single_learner_near_the_global_model():
     assert drift[10.0] < 0.5 * drift[0.0]
 
 
-def test_fedlap_reaches_the_ridge_fixed_point_with_client_and_server_duals_in_step():
+def ridge_rounds(dual_against: str, rho: float, rounds: int, check_duals: bool = True) -> tuple:
     """Ridge regression split over 3 clients: N_k l_k(w) = 1/2 ||X_k w - y_k||^2, solved exactly
-    by each client with its FedLap term. The global model reaches the pooled MAP
-    (sum_k X_k^T X_k + delta I)^-1 sum_k X_k^T y_k, i.e. sum_k N_k grad l_k(w) + delta w = 0, and
-    the clients' own duals equal the server's copies (full participation)."""
+    by each client with its FedLap term, for ``rounds`` rounds of full participation. Returns the
+    max error to the pooled MAP per round, the final global and the MAP."""
     from fedens.algorithms.fedlap import LapTerm as Lap
-    from fedens.strategies.fedlap import fedlap_server_step
+    from fedens.algorithms.fedlap import fedlap_server_step
 
     rng = np.random.default_rng(0)
-    d, delta, rho = 4, 2.0, 1.0
+    d, delta = 4, 2.0
     X = [rng.normal(size=(n, d)) for n in (20, 30, 10)]
     y = [x @ rng.normal(size=d) + 0.1 * rng.normal(size=len(x)) for x in X]
     ridge = np.linalg.solve(sum(x.T @ x for x in X) + delta * np.eye(d), sum(x.T @ t for x, t in zip(X, y)))
@@ -96,24 +95,44 @@ def test_fedlap_reaches_the_ridge_fixed_point_with_client_and_server_duals_in_st
     server_duals: dict = {}
     client_state = [{} for _ in X]
     errors = []
-    for _ in range(100):
+    options = {"delta": delta, "rho": rho, "dual_against": dual_against}
+    for _ in range(rounds):
         trained = {}
         for k, (x, t) in enumerate(zip(X, y)):
-            obj = Lap({"delta": delta, "rho": rho}, client_state[k], wg, CPU, num_examples=len(t))
+            obj = Lap(options, client_state[k], wg, CPU, num_examples=len(t))
             v = obj.state.get("dual.w", np.zeros(d))
-            if k in server_duals:
+            if k in server_duals and check_duals:
                 assert np.allclose(v, server_duals[k]["dual.w"])  # client and server agree
             # argmin 1/2||Xw - y||^2 + delta v^T w + delta/2 ||w - w_g||^2
             trained[k] = {"w": np.linalg.solve(x.T @ x + delta * np.eye(d), x.T @ t - delta * v + delta * wg["w"])}
             client_state[k] = obj.after_fit(trained[k])
-        wg, server_duals = fedlap_server_step(server_duals, trained, wg, rho)
+        wg, server_duals = fedlap_server_step(server_duals, trained, wg, rho, dual_against)
         assert np.allclose(wg["w"], sum(dv["dual.w"] for dv in server_duals.values()))  # w_g = sum_k v_k
-        errors.append(np.abs(wg["w"] - ridge).max())
+        if dual_against == "trained_from" and check_duals:  # the client stepped its dual as the server did
+            assert all(np.allclose(client_state[k]["dual.w"], server_duals[k]["dual.w"]) for k in server_duals)
+        errors.append(float(np.abs(wg["w"] - ridge).max()))
+    return errors, wg, ridge, X, y, delta
+
+
+@pytest.mark.parametrize("dual_against, rho, rounds", [("new_global", 1.0, 100), ("trained_from", 0.5, 500)])
+def test_fedlap_reaches_the_ridge_fixed_point_with_client_and_server_duals_in_step(dual_against, rho, rounds):
+    """The global model reaches the pooled MAP (sum_k X_k^T X_k + delta I)^-1 sum_k X_k^T y_k,
+    i.e. sum_k N_k grad l_k(w) + delta w = 0, and the clients' own duals equal the server's
+    copies (full participation), in both orders of the dual step."""
+    errors, wg, ridge, X, y, delta = ridge_rounds(dual_against, rho, rounds)
     assert errors[-1] < 1e-3
     # isotropic delta is not the Hessian: no one-step convergence, but geometric decrease
     assert errors[0] > 0.1 and errors[49] < errors[9] < errors[0]
     grad = sum(x.T @ (x @ wg["w"] - t) for x, t in zip(X, y)) + delta * wg["w"]
     assert np.abs(grad).max() < 1e-2  # the fixed point sum_k N_k grad l_k(w) + delta w = 0
+
+
+def test_fedlap_authors_order_diverges_where_rho_times_clients_is_large():
+    # the stability documented in docs/methods.md#fedlap: 3 clients, rho 1 (rho K = 3)
+    errors, *_ = ridge_rounds("trained_from", 1.0, 60, check_duals=False)
+    assert errors[-1] > 1e3 * errors[0] or not np.isfinite(errors[-1])
+    errors, *_ = ridge_rounds("new_global", 1.0, 100)
+    assert errors[-1] < 1e-3
 
 
 def test_lap_penalty_gradient_is_the_scaled_admm_term():

@@ -50,7 +50,7 @@ LAST = "last."  # client state: its last trained weights, for the deferred dual 
 
 class FedLapOptions(Options):
     delta: float = Field(1.0, gt=0, allow_inf_nan=False, description="prior precision and ADMM penalty")
-    rho: float = Field(0.5, gt=0, le=1, description="dual step size")
+    rho: float = Field(0.1, gt=0, le=1, description="dual step size (trained_from: stable while rho K < ~2)")
     dual_against: Literal["trained_from", "new_global"] = Field(
         "trained_from", description="the global model the dual step uses (trained_from: the authors' code)")
 

@@ -29,7 +29,7 @@ from fedens.data.federated import FederatedData, install, is_installed
 from fedens.faults import Faults, InjectedCrash, corrupt, draw, flip_labels
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
-from fedens.metrics import classification_metrics, ensemble_metrics
+from fedens.metrics import classification_metrics, ensemble_metrics, predictive
 from fedens.algorithms import objective_from_config
 from fedens.payload import ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
 from fedens.scenario import Scenario
@@ -136,8 +136,9 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         seed_torch(derive_seed(scn.seed, message_round(msg), pid, 1))  # predictions may sample
         member_probs = predict_dataset(learner, data, scn.evaluate.batch_size)  # (members, n, classes)
         labels = torch.from_numpy(data.y)
-        metrics = classification_metrics(member_probs.mean(0), labels, scn.evaluate.n_bins)
-        metrics.update(ensemble_metrics(member_probs, labels))
+        weights = learner.predictive_weights
+        metrics = classification_metrics(predictive(member_probs, weights), labels, scn.evaluate.n_bins)
+        metrics.update(ensemble_metrics(member_probs, labels, weights))
         metrics["num-examples"] = len(data)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -105,35 +105,49 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(EPS))).sum(-1)
 
 
-def ensemble_metrics(member_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Diversity and uncertainty of members' predictions ``(members, batch, classes)``.
+def predictive(member_probs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ensemble's predictive ``(batch, classes)``: ``sum_m w_m p_m`` over members
+    ``(members, batch, classes)``, with ``weights`` ``(members,)`` (summing to 1) or uniform."""
+    if weights is None:
+        return member_probs.mean(0)
+    w = weights.to(member_probs)
+    return (w.view(-1, *([1] * (member_probs.ndim - 1))) * member_probs).sum(0)
+
+
+def ensemble_metrics(member_probs: torch.Tensor, labels: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> dict[str, float]:
+    """Diversity and uncertainty of members' predictions ``(members, batch, classes)``, the
+    ensemble's predictive weighted by ``weights`` ``(members,)`` (default uniform).
 
     - member_accuracy: mean over members of each member's own accuracy.
     - disagreement: mean over members of the fraction of inputs where the member's top-1 differs
       from the ensemble's (0 for a single network).
-    - entropy: mean predictive entropy ``H[mean_m p_m]`` (total uncertainty).
-    - mutual_information: mean ``H[mean_m p_m] - mean_m H[p_m]`` (the epistemic part; 0 for a
-      single network).
+    - entropy: mean predictive entropy ``H[sum_m w_m p_m]`` (total uncertainty).
+    - mutual_information: mean ``H[sum_m w_m p_m] - sum_m w_m H[p_m]`` (the epistemic part; 0
+      for a single network).
+    Member accuracy and disagreement are plain means over members.
     """
     member_probs = member_probs.detach().double().cpu()
     labels = labels.detach().long().cpu()
-    mean = member_probs.mean(0)
+    mean = predictive(member_probs, weights)
     member_pred, ens_pred = member_probs.argmax(-1), mean.argmax(-1)
     total = entropy(mean)
     return {
         "member_accuracy": float((member_pred == labels).double().mean()),
         "disagreement": float((member_pred != ens_pred).double().mean()),
         "entropy": float(total.mean()),
-        "mutual_information": float((total - entropy(member_probs).mean(0)).mean()),
+        "mutual_information": float((total - predictive(entropy(member_probs)[..., None], weights)[..., 0]).mean()),
     }
 
 
-def uncertainty_scores(member_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-input scores ``(batch,)`` that should be higher out of distribution."""
+def uncertainty_scores(member_probs: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-input scores ``(batch,)`` that should be higher out of distribution (the predictive
+    weighted as in ``ensemble_metrics``)."""
     member_probs = member_probs.detach().double().cpu()
-    mean = member_probs.mean(0)
+    mean = predictive(member_probs, weights)
     total = entropy(mean)
-    return {"entropy": total, "mutual_information": total - entropy(member_probs).mean(0), "max_prob": -mean.max(-1).values}
+    expected = predictive(entropy(member_probs)[..., None], weights)[..., 0]  # sum_m w_m H[p_m]
+    return {"entropy": total, "mutual_information": total - expected, "max_prob": -mean.max(-1).values}
 
 
 def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:

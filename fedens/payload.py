@@ -6,7 +6,9 @@ The naming rule (one place, so strategies can find what they need):
   own strategies aggregate them as they would any PyTorch model.
 - Learners with more structure use dotted prefixes (introduced with those learners):
   ``member.{k}.<name>`` for member k of an ensemble, ``mean.<name>`` / ``precision.<name>`` for
-  a Gaussian posterior. A name without such a prefix is a shared part.
+  a Gaussian posterior. A name without such a prefix is a shared part, except
+  ``MEMBER_WEIGHTS``: an ensemble's predictive weights ``(members,)``, which the swarm strategy
+  sets (its consensus beliefs) and an ensemble learner carries; absent = uniform.
 
 Element-wise aggregation (FedAvg) is meaningful for all of them: shared parts are averaged,
 member k with member k.
@@ -25,6 +27,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 T = TypeVar("T")
 ROUND_KEY = "fedens"  # a ConfigRecord the fedens grid adds to every message: {"round": r}
 DELAY_KEY = "fedens.injected_delay_s"  # an injected straggler's simulated delay, in its reply's metrics
+MEMBER_WEIGHTS = "member_weights"  # an ensemble's predictive weights (members,), summing to 1
 
 
 class NpyArray(Array):

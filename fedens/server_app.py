@@ -26,7 +26,15 @@ from fedens.decentralized.engine import run_gossip
 from fedens.grid import Diverged, FedensGrid, RoundTraffic, exploded, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
-from fedens.metrics import METRIC_KEYS, classification_metrics, ensemble_metrics, ood_auroc, reliability_bins, uncertainty_scores
+from fedens.metrics import (
+    METRIC_KEYS,
+    classification_metrics,
+    ensemble_metrics,
+    ood_auroc,
+    predictive,
+    reliability_bins,
+    uncertainty_scores,
+)
 from fedens.payload import from_record, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import Scenario
@@ -208,12 +216,13 @@ class RoundEvaluator:
         if not torch.isfinite(member_probs).all():  # finite weights, yet e.g. a posterior sample overflowed
             raise Diverged(f"diverged at round {server_round}: the global model's predictions on the "
                            f"{scope.split('-')[1]} set have non-finite values")
-        probs, labels = member_probs.mean(0), torch.from_numpy(ds.y)
+        weights = self.learner.predictive_weights  # the predictive's weights over members (None: uniform)
+        probs, labels = predictive(member_probs, weights), torch.from_numpy(ds.y)
         metrics = classification_metrics(probs, labels, self.scn.evaluate.n_bins)
-        metrics.update(ensemble_metrics(member_probs, labels))
+        metrics.update(ensemble_metrics(member_probs, labels, weights))
         if scope == "global-test":
-            scores_in = uncertainty_scores(member_probs)
-            scores_out = uncertainty_scores(predict_dataset(self.learner, self.data.ood, self.scn.evaluate.batch_size))
+            scores_in = uncertainty_scores(member_probs, weights)
+            scores_out = uncertainty_scores(predict_dataset(self.learner, self.data.ood, self.scn.evaluate.batch_size), weights)
             metrics["ood_auroc"] = ood_auroc(scores_in["entropy"], scores_out["entropy"])
             metrics["ood_auroc_mi"] = ood_auroc(scores_in["mutual_information"], scores_out["mutual_information"])
         if final:

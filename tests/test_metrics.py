@@ -158,3 +158,18 @@ def test_ece_closes_the_last_bin_on_the_right():
     assert float(multiclass_calibration_error(probs, labels, num_classes=2, n_bins=10)) == pytest.approx(split, abs=1e-6)
     bins = reliability_bins(probs, labels, 10)
     assert bins["count"][-1] == 11 and bins["accuracy"][-1] == pytest.approx(6 / 11)
+
+
+def test_weighted_predictive_and_its_uncertainty_by_hand():
+    from fedens.metrics import ensemble_metrics, predictive
+
+    # two members on one input: (1, 0) and (0.5, 0.5), weights (0.75, 0.25)
+    probs = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]], dtype=torch.float64)
+    w = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    assert predictive(probs, w).tolist() == [[0.875, 0.125]]
+    assert predictive(probs).tolist() == [[0.75, 0.25]]  # uniform without weights
+    h = -(0.875 * math.log(0.875) + 0.125 * math.log(0.125))
+    m = ensemble_metrics(probs, torch.tensor([0]), w)
+    assert m["entropy"] == pytest.approx(h)
+    # sum_m w_m H[p_m] = 0.75 * 0 + 0.25 * log 2
+    assert m["mutual_information"] == pytest.approx(h - 0.25 * math.log(2))

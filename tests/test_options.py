@@ -46,7 +46,7 @@ def test_one_set_of_names_and_defaults_per_method() -> None:
     assert VarianceCorrectedAveraging.Options is VCAOptions is VarianceCorrected.Options
     assert SwarmStrategy.Options is SwarmOptions is Swarm.Options
     assert VCAOptions().model_dump() == {"target": "others", "c": 0.5, "eps": 1e-4}
-    assert SwarmOptions().model_dump() == {"k": 3, "T": 10, "tau": 0.1, "omega": 0.5, "phi1": 0.3, "phi2": 0.2,
+    assert SwarmOptions().model_dump() == {"k": 3, "T": 10, "tau": 0.1, "omega": 0.5, "phi1": 0.2, "phi2": 0.3,
                                            "score": "accuracy"}
 
 

@@ -25,8 +25,8 @@ class SwarmOptions(Options):
     T: int = Field(10, ge=0, description="belief-consensus steps")
     tau: float = Field(0.1, gt=0, allow_inf_nan=False, description="softmax temperature of the scores")
     omega: float = Field(0.5, ge=0, allow_inf_nan=False, description="inertia of a validator's belief")
-    phi1: float = Field(0.3, ge=0, allow_inf_nan=False, description="pull to the validator's own scores")
-    phi2: float = Field(0.2, ge=0, allow_inf_nan=False, description="pull to the swarm's mean belief")
+    phi1: float = Field(0.2, ge=0, allow_inf_nan=False, description="pull to the validator's own top-k")
+    phi2: float = Field(0.3, ge=0, allow_inf_nan=False, description="pull to the swarm's top-k (> phi1 to settle)")
     score: Literal["accuracy", "nll"] = Field("accuracy", description="what a validator measures on its validation split")
 
     @model_validator(mode="after")
@@ -96,7 +96,9 @@ def swarm_consensus(
     z = np.where(scored, s / tau, -np.inf)
     belief = np.exp(z - z.max(0, keepdims=True))  # (C, V); unscored -> 0
     belief /= belief.sum(0, keepdims=True)
-    own_best = np.array([rank(np.where(scored[:, j], s[:, j], -np.inf), cumulative)[0] for j in range(n_val)])
+    # each validator's personal best: the top-k of its own scores (among what it scored)
+    own_top = [rank(np.where(scored[:, j], s[:, j], -np.inf), cumulative)[: min(k, int(scored[:, j].sum()))]
+               for j in range(n_val)]
     conf_total = conf.sum(1)
 
     def swarm_mean(b: np.ndarray) -> np.ndarray:  # (C,): Σ_j c_ij b_ij / Σ_j c_ij
@@ -109,11 +111,14 @@ def swarm_consensus(
 
     steps = 0
     while len(set(top_sets(belief))) > 1 and steps < T:
-        g = rank(swarm_mean(belief), cumulative)[0]
+        swarm_top = rank(swarm_mean(belief), cumulative)[:k]  # the swarm's best: its top-k set
         moved = omega * belief
-        moved[own_best, np.arange(n_val)] += phi1
-        moved[g, :] += phi2
-        belief = moved / moved.sum(0, keepdims=True)
+        for j in range(n_val):
+            moved[own_top[j], j] += phi1 / len(own_top[j])
+        # also on a validator's own candidates: that mass is its deference to the swarm there
+        moved[swarm_top, :] += phi2 / k
+        total = moved.sum(0, keepdims=True)
+        belief = np.divide(moved, total, out=belief.copy(), where=total > 0)
         steps += 1
 
     sets, mean = top_sets(belief), swarm_mean(belief)
@@ -141,6 +146,13 @@ def allocate_slots(weights: np.ndarray, slots: int) -> np.ndarray:
     while counts.sum() < slots:
         counts[int(np.argmax(quota - counts))] += 1
     return counts
+
+
+def slot_weights(weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The predictive weight of every slot ``(sum(counts),)``: member j's weight split evenly
+    over its ``counts[j]`` slots, so the slots' mixture weighs member j by ``weights[j]``."""
+    w = np.asarray(weights, dtype=np.float64)
+    return np.repeat(w / w.sum() / np.asarray(counts), np.asarray(counts))
 
 
 def fill_slots(candidates: list[Arrays], members: list[int], counts: np.ndarray) -> Arrays:

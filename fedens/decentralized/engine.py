@@ -75,7 +75,7 @@ from fedens.decentralized.topology import build_graph, neighbours, num_edges, pl
 from fedens.grid import Diverged, FedensGrid, exploded, report_failures
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, predict_dataset
-from fedens.metrics import METRIC_KEYS, classification_metrics, reliability_bins
+from fedens.metrics import METRIC_KEYS, classification_metrics, predictive, reliability_bins
 from fedens.payload import from_record, record_nbytes, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import Scenario
@@ -122,14 +122,14 @@ def evaluate_nodes(
     n_bins: int = 10, batch_size: int = 512,
 ) -> tuple[dict[str, list[float]], torch.Tensor]:
     """Metrics of each node's model on ``ds``: ``{metric: [per node]}``, and the nodes'
-    predictive probabilities ``(nodes, n, classes)`` (members averaged)."""
+    predictive probabilities ``(nodes, n, classes)`` (members mixed by the predictive weights)."""
     per_node: dict[str, list[float]] = {k: [] for k in METRIC_KEYS}
     labels = torch.from_numpy(ds.y)
     all_probs = []
     for pid, arrays in enumerate(models):
         learner.set_arrays(arrays)
         torch.manual_seed(derive_seed(seed, server_round, _EVAL_TAG + tag, pid))  # predictions may sample
-        probs = predict_dataset(learner, ds, batch_size).mean(0)  # (n, classes)
+        probs = predictive(predict_dataset(learner, ds, batch_size), learner.predictive_weights)  # (n, classes)
         metrics = classification_metrics(probs, labels, n_bins)
         for k in METRIC_KEYS:
             per_node[k].append(metrics[k])

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedens.data import ArrayDataset
 from fedens.decentralized.rules import GossipContext, GossipRule, Scores
 from fedens.learners.base import Learner, predict_dataset
-from fedens.metrics import classification_metrics
+from fedens.metrics import classification_metrics, predictive
 from fedens.payload import from_record
 from fedens.seeding import derive_seed, seed_torch, seeded_generator
 
@@ -102,7 +102,7 @@ def evaluate_own(learner: Learner, data: ArrayDataset, seed: int, server_round: 
     if len(data) == 0:
         return {}
     seed_torch(derive_seed(seed, server_round, node, 1))  # predictions may sample
-    probs = predict_dataset(learner, data, batch_size).mean(0)  # (n, classes)
+    probs = predictive(predict_dataset(learner, data, batch_size), learner.predictive_weights)  # (n, classes)
     metrics = classification_metrics(probs, torch.from_numpy(data.y), n_bins)
     return {f"val_{k}": metrics[k] for k in VAL_KEYS}
 

@@ -79,10 +79,11 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from fedens.algorithms.arrays import precision_weighted_average, split_members
-from fedens.algorithms.swarm import SwarmOptions, allocate_slots, fill_slots, swarm_consensus
+from fedens.algorithms.swarm import SwarmOptions, allocate_slots, fill_slots, slot_weights, swarm_consensus
 from fedens.algorithms.vca import VCAOptions, is_corrected, is_norm_statistic, target_variance, tensor_var, variance_correct
 from fedens.options import Options as BaseOptions
 from fedens.options import first_error
+from fedens.payload import MEMBER_WEIGHTS
 from fedens.registry import Registry
 
 Arrays = dict[str, np.ndarray]
@@ -287,6 +288,7 @@ class Swarm(GossipRule):
         labels, arrays, shared = [], [], {}
         for node in sorted(models):
             members, rest = split_members(models[node])
+            rest.pop(MEMBER_WEIGHTS, None)  # the node's predictive weights are recomputed, not mixed
             if not members:
                 members, rest = {0: models[node]}, {}
             shared[node] = rest
@@ -334,6 +336,7 @@ class Swarm(GossipRule):
             return _cast(_copy(cand[best]), own), facts
         counts = allocate_slots(weights, slots)
         out = {k: np.array(a, copy=True) for k, a in fill_slots(cand, members, counts).items()}
+        out[MEMBER_WEIGHTS] = slot_weights(weights, counts)  # the predictive weighs members by belief
         chosen_nodes = sorted({labels[i][0] for i in members})
         if shared[ctx.node]:
             parts = [shared[j] for j in chosen_nodes]
@@ -342,7 +345,9 @@ class Swarm(GossipRule):
         missing = [n for n in own if n not in out]
         if missing:
             raise ValueError(f"swarm: the chosen members lack {len(missing)} of the node's arrays, e.g. {missing[0]!r}")
-        return _cast({n: out[n] for n in own}, own), facts
+        result = _cast({n: out[n] for n in own if n != MEMBER_WEIGHTS}, own)
+        result[MEMBER_WEIGHTS] = out[MEMBER_WEIGHTS].astype(np.float32)
+        return result, facts
 
 
 # --------------------------------------------------------------------------- measures

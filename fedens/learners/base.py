@@ -87,6 +87,9 @@ class Learner(ABC):
         # A server strategy's client-side term (fedens.objectives), set by the ClientApp before
         # ``fit``; learners that support it add ``objective_penalty`` to their loss.
         self.objective: Any = None
+        # The predictive's weights over members ``(members,)``, None = uniform; an ensemble
+        # learner takes them from ``fedens.payload.MEMBER_WEIGHTS`` (set by the swarm strategy).
+        self.predictive_weights: torch.Tensor | None = None
 
     def objective_penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | float:
         """The strategy's term for ``params`` (by payload name), or 0 when there is none."""

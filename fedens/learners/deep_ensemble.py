@@ -46,6 +46,7 @@ from fedens.data import ArrayDataset
 from fedens.learners import LEARNERS
 from fedens.learners.base import Learner, make_optimizer
 from fedens.scenario import TrainConfig
+from fedens.payload import MEMBER_WEIGHTS
 
 Tensors = dict[str, torch.Tensor]
 
@@ -208,7 +209,10 @@ class DeepEnsembleLearner(Learner):
 
     def get_arrays(self) -> dict[str, np.ndarray]:
         stacked = {**self.params, **self.buffers}
-        return {f"member.{k}.{n}": t[k].detach().cpu().numpy().copy() for k in range(self.members) for n, t in stacked.items()}
+        out = {f"member.{k}.{n}": t[k].detach().cpu().numpy().copy() for k in range(self.members) for n, t in stacked.items()}
+        if self.predictive_weights is not None:  # carried unchanged through training
+            out[MEMBER_WEIGHTS] = self.predictive_weights.numpy().astype(np.float32)
+        return out
 
     def set_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         stacked = {**self.params, **self.buffers}
@@ -219,3 +223,7 @@ class DeepEnsembleLearner(Learner):
             for name, t in stacked.items():
                 members = [torch.as_tensor(np.asarray(arrays[f"member.{k}.{name}"])) for k in range(self.members)]
                 t.copy_(torch.stack(members).to(t))
+        weights = arrays.get(MEMBER_WEIGHTS)
+        if weights is not None and len(weights) != self.members:
+            raise KeyError(f"{MEMBER_WEIGHTS} has {len(weights)} entries for {self.members} members")
+        self.predictive_weights = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))

@@ -269,8 +269,8 @@ def test_swarm_matrices_by_hand():
 def test_swarm_chooses_agreed_members_and_fills_slots():
     own, r = ensemble(0), {1: ensemble(1), 2: ensemble(2)}
     out, facts = Swarm(k=2)(own, r, GossipContext(node=0, scores=SCORES))
-    assert sorted(out) == ["member.0.w", "member.1.w"]
-    assert out["member.0.w"].dtype == np.float32
+    assert sorted(out) == ["member.0.w", "member.1.w", "member_weights"]
+    assert out["member.0.w"].dtype == np.float32 and out["member_weights"].sum() == pytest.approx(1.0)
     assert {float(out["member.0.w"][0, 0]), float(out["member.1.w"][0, 0])} == {10.0, 21.0}
     assert out["member.0.w"][0, 0] == 10.0  # (1, 0): best by every validator that saw it
     assert facts["swarm_agreement"] == 1.0 and facts["swarm_steps"] == 0 and facts["swarm_own_share"] == 0.0
@@ -286,8 +286,13 @@ def test_swarm_slots_follow_allocate_slots():
     counts = allocate_slots(weights, 4)
     expected = [10 * labels[i][0] + labels[i][1] for i, n in zip(members, counts) for _ in range(n)]
     out, _ = Swarm(k=3)(own, r, ctx)
-    assert sorted(out) == [f"member.{m}.w" for m in range(4)]
+    assert sorted(out) == [f"member.{m}.w" for m in range(4)] + ["member_weights"]
     assert [float(out[f"member.{m}.w"][0, 0]) for m in range(4)] == expected
+    # each slot carries its member's consensus weight split over the member's slots
+    np.testing.assert_allclose(out["member_weights"], np.repeat(weights / counts, counts), rtol=1e-6)
+    # and a node's next step recomputes them rather than mixing the received ones
+    again, _ = Swarm(k=3)(out, {j: {**m, "member_weights": np.full(4, 0.25, np.float32)} for j, m in r.items()}, ctx)
+    assert "member_weights" in again and again["member_weights"].sum() == pytest.approx(1.0)
     assert expected[0] == 10 and counts.sum() == 4 and len(members) == 3
 
 

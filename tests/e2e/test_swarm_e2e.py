@@ -8,8 +8,17 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import fedens
+from fedens.algorithms.swarm import slot_weights
+from fedens.data import load_server_data
+from fedens.learners import build_learner
+from fedens.learners.base import predict_dataset
+from fedens.metrics import classification_metrics, predictive
+from fedens.payload import MEMBER_WEIGHTS
 from fedens.results import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +51,10 @@ def test_swarm_runs_through_the_engine(session, tmp_path: Path):
         # bytes_sent == 2 * bytes_received. The validation round adds, for each of the 3
         # validators, the 2 other clients' models: another 2 * R.
         assert r["bytes_sent"] > 2 * r["bytes_received"]
-        assert r["bytes_sent"] == 4 * r["bytes_received"]
+    # round 2 exactly; in round 1 the 3 evaluation messages carry the new global, which (unlike
+    # the clients' round-1 models) has the predictive weights, 3 floats more each
+    assert train[1]["bytes_sent"] == 4 * train[1]["bytes_received"]
+    assert 0 < train[0]["bytes_sent"] - 4 * train[0]["bytes_received"] <= 3 * 200
     test = result.scope("global-test")
     assert test[-1]["accuracy"] > test[0]["accuracy"] + 0.3
 
@@ -57,3 +69,22 @@ def test_swarm_runs_through_the_engine(session, tmp_path: Path):
         # every client's own model measured on the test set, for "ensemble vs every client"
         assert len(f["client_test_accuracy"]) == 3 and f["best_client_test_accuracy"] == max(f["client_test_accuracy"])
         assert 0 < f["best_member_test_accuracy"] <= 1
+
+    # the global predictive weighs the agreed members by their consensus weights: the final
+    # global arrays carry them per slot, and the recorded test row is that weighted mixture's
+    with np.load(result.run_dir / "checkpoint.npz") as saved:  # the global model after the last round
+        assert int(saved["__round__"]) == 2
+        arrays = {k: saved[k] for k in saved.files if k != "__round__"}
+    slot_w = arrays[MEMBER_WEIGHTS]
+    np.testing.assert_allclose(slot_w, slot_weights(np.array(facts[-1]["swarm_weights"]), np.array(facts[-1]["swarm_slots"])),
+                               rtol=1e-6)
+    scn = fedens.load(SWARM)
+    data = load_server_data(scn.data, scn.seed)
+    learner = build_learner(scn, data.input_shape, data.num_classes, torch.device("cpu"))
+    learner.set_arrays(arrays)
+    probs = predict_dataset(learner, data.test)
+    labels = torch.from_numpy(data.test.y)
+    weighted = float((predictive(probs, learner.predictive_weights).argmax(1) == labels).double().mean())
+    assert test[-1]["accuracy"] == pytest.approx(weighted, abs=1e-6)
+    assert float(classification_metrics(predictive(probs, learner.predictive_weights), labels)["nll"]) == pytest.approx(
+        test[-1]["nll"], rel=1e-5)

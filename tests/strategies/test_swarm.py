@@ -61,7 +61,7 @@ def test_disagreement_runs_T_steps_and_falls_back_to_the_swarm_mean():
     # two validators who each prefer a different candidate and never yield (φ1 > φ2)
     scores = np.array([[0.9, 0.1], [0.1, 0.9]])
     conf = np.array([[0.7, 0.7], [0.8, 0.8]])
-    members, weights, steps, agreement = swarm_consensus(scores, conf, k=1, T=7)
+    members, weights, steps, agreement = swarm_consensus(scores, conf, k=1, T=7, phi1=0.3, phi2=0.2)
     assert steps == 7 and agreement == 0.5
     assert members == [1] and weights.tolist() == [1.0]  # equal mean belief: the more confident one
 
@@ -71,6 +71,27 @@ def test_social_weight_above_cognitive_reaches_consensus():
     conf = np.array([[0.7, 0.7], [0.8, 0.8]])
     members, _, steps, agreement = swarm_consensus(scores, conf, k=1, T=10, phi1=0.1, phi2=0.4)
     assert members == [1] and 1 <= steps <= 10 and agreement == 1.0
+
+
+# Everyone finds candidate 0 best; validators 0, 1 rank candidate 1 second, validators 2, 3
+# candidate 2. The swarm's mean belief ties 1 and 2, and the tie goes to the lower row, 1.
+SPLIT_SECOND = np.array([[0.9] * 4, [0.8, 0.8, 0.7, 0.7], [0.7, 0.7, 0.8, 0.8]])
+
+
+def test_the_pull_to_the_swarms_top_k_settles_a_split_second_place():
+    # Validators 2, 3 start at softmax([9, 7, 8]) = (0.665, 0.090, 0.245). Step 1: 0.5 b + phi1/2 on
+    # their own top-2 {0, 2} + phi2/2 on the swarm's {0, 1}: b1 = 0.045 + 0.15 = 0.195 < b2 =
+    # 0.1225 + 0.1 = 0.2225. Step 2: b1 = 0.0975 + 0.15 = 0.2475 > b2 = 0.111 + 0.1 = 0.211: agreed.
+    members, weights, steps, agreement = swarm_consensus(SPLIT_SECOND, np.full((3, 4), 0.8), k=2)
+    assert (members, steps, agreement) == ([0, 1], 2, 1.0)
+    assert weights[0] > weights[1] > 0 and weights.sum() == pytest.approx(1.0)
+
+
+def test_a_pull_to_the_own_top_k_above_the_swarms_never_settles_it():
+    # phi1 > phi2: validators 2, 3 add 0.15 to candidate 2 and 0.1 to candidate 1 every step, so
+    # their second place never moves (the old rule's behaviour in every real run: all T steps)
+    members, _, steps, agreement = swarm_consensus(SPLIT_SECOND, np.full((3, 4), 0.8), k=2, T=10, phi1=0.3, phi2=0.2)
+    assert (steps, agreement) == (10, 0.5) and members == [0, 1]
 
 
 def test_nll_scores_and_unscored_validators():
@@ -116,7 +137,7 @@ def test_registered_with_defaults_and_checked_params():
     assert SwarmStrategy.supported_learners == ("deep_ensemble",)
     s = SwarmStrategy()
     o = s.options
-    assert (o.k, o.T, o.tau, o.omega, o.phi1, o.phi2, o.score) == (3, 10, 0.1, 0.5, 0.3, 0.2, "accuracy")
+    assert (o.k, o.T, o.tau, o.omega, o.phi1, o.phi2, o.score) == (3, 10, 0.1, 0.5, 0.2, 0.3, "accuracy")
     with pytest.raises(ValueError, match="score: should be 'accuracy' or 'nll'"):
         SwarmStrategy(score="f1")
     with pytest.raises(ValueError, match="omega: should be greater than or equal to 0"):
@@ -135,3 +156,10 @@ def test_k_above_the_pool_and_no_validation_data_are_invalid_scenarios():
     with pytest.raises(ScenarioError, match="data.val_fraction"):
         load_scenario({**base, "learner": {"kind": "deep_ensemble", "members": 3}, "data": {"val_fraction": 0.0}})
     assert load_scenario({**base, "learner": {"kind": "deep_ensemble", "members": 3}})
+
+
+def test_slot_weights_split_a_members_weight_over_its_slots():
+    from fedens.algorithms.swarm import slot_weights
+
+    # members with weights 0.6, 0.4 in 3 slots (2 + 1): 0.3, 0.3, 0.4
+    np.testing.assert_allclose(slot_weights(np.array([0.6, 0.4]), np.array([2, 1])), [0.3, 0.3, 0.4])

@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedens.conformal import split_quantile, true_scores
 from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
 from fedens.faults import Faults, InjectedCrash, corrupt, draw, flip_labels
@@ -170,6 +171,25 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             scores[f"{key}.confidence"] = probs.max(2).values.double().mean(1).tolist()
         return Message(content=RecordDict({"scores": MetricRecord(scores)}), reply_to=msg)
 
+    @app.query("conformal")
+    def conformal(msg: Message, context: Context) -> Message:
+        """Calibration scores of the global predictive (the message's arrays) on this client's
+        validation split: the true labels' non-conformity scores (``scores``, for the pooled
+        threshold and for measuring this client's coverage), their number ``n`` and the local
+        split-conformal quantile (``local_quantile``, all that the quantile-of-quantiles
+        method uses). ``evaluate.conformal`` gives alpha and the score."""
+        cfg = scn.evaluate.conformal
+        pid, client_data, learner, _ = setup(msg, context)
+        data = client_data.val
+        seed_torch(derive_seed(scn.seed, message_round(msg), pid, 3))  # predictions may sample
+        if len(data) == 0 or cfg is None:
+            return Message(content=RecordDict({"conformal": MetricRecord({"n": 0})}), reply_to=msg)
+        probs = predictive(predict_dataset(learner, data, scn.evaluate.batch_size), learner.predictive_weights)
+        scores = true_scores(probs, torch.from_numpy(data.y), cfg.score)
+        reply = {"n": len(data), "scores": [float(s) for s in scores],
+                 "local_quantile": min(split_quantile(scores, cfg.alpha), 1e300)}  # +inf is not a metric: 1e300
+        return Message(content=RecordDict({"conformal": MetricRecord(reply)}), reply_to=msg)
+
     @app.query("gossip")
     def gossip(msg: Message, context: Context) -> Message:
         """Decentralized mode: one round of this node (``fedens.decentralized.node``). The node
@@ -190,7 +210,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         rule = reusable["rule"]
         trained, metrics = gossip_node.gossip_step(
             learner, rule, own, inp.received, ctx, data.train, data.val, scn.seed, message_round(msg),
-            scn.evaluate.n_bins, scn.evaluate.batch_size,
+            scn.evaluate.n_bins, scn.evaluate.batch_size, scn.evaluate.conformal,
         )
         gossip_node.store(context.state, to_record(trained))  # its own copy: the reply is sent away
         if f.any:  # what the neighbours get: attacked relative to the node's model before the step

@@ -132,6 +132,15 @@ class StrategyConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="constructor kwargs")
 
 
+class ConformalConfig(_Strict):
+    """Split-conformal prediction sets of the global predictive (docs/methods.md#conformal)."""
+
+    alpha: float = Field(0.1, gt=0, lt=1, description="miscoverage: sets hold the true label with probability >= 1 - alpha")
+    score: Literal["lac", "aps"] = Field("lac", description="non-conformity score: 1 - p_y (lac) or adaptive sets (aps)")
+    method: Literal["pooled", "quantile_of_quantiles"] = Field(
+        "pooled", description="threshold from every client's scores, or from their local quantiles only (one-shot)")
+
+
 class EvaluateConfig(_Strict):
     every: int = Field(1, ge=1, le=1_000_000, description="evaluate every N rounds (and round 0 and the last)")
     n_bins: int = Field(10, ge=2, le=10_000, description="equal-width ECE bins, as in the IVON and LoRA-Ensemble papers")
@@ -143,6 +152,8 @@ class EvaluateConfig(_Strict):
         100.0, gt=0, le=1e12,
         description="a round whose mean training loss exceeds this x log C ends the run as diverged; None: never",
     )
+    conformal: ConformalConfig | None = Field(
+        None, description="calibrate prediction sets on the clients' validation splits at every evaluation; None: off")
 
 
 class ResourcesConfig(_Strict):

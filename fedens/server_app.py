@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedens.checkpoint import ResumeState, restore_rng, rng_states
+from fedens.conformal import qoq_threshold, set_metrics, split_quantile
 from fedens.checkpoint import save as save_checkpoint
 from fedens.data import ServerData, load_server_data
 from fedens.decentralized.engine import run_gossip
@@ -160,11 +162,13 @@ class RoundEvaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord, facts: dict[str, Any] | None = None) -> MetricRecord | None:
         """``facts``: what the strategy returned about the round (``fedens.strategies.base.with_facts``),
         for the train row; none under a strategy's own loop (Flower's ``evaluate_fn(round, arrays)``)."""
+        named = from_record(arrays)
+        bad = [k for k, a in named.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
+        # calibration first, so that its messages count in this round's bytes
+        calibration = self.calibrate(server_round, arrays) if server_round in self.rounds and not bad else None
         traffic = self.grid.take_traffic()
         now = round(time.time() - self.recorder.started, 3)
         rows: list[dict[str, Any]] = []
-        named = from_record(arrays)
-        bad = [k for k, a in named.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
         if server_round > 0:
             # a fedens strategy's own facts of the round (e.g. consensus steps) join the train row
             row = {"round": server_round, "scope": "train", "time_s": now, **train_row(traffic), **(facts or {})}
@@ -186,8 +190,9 @@ class RoundEvaluator:
         if server_round in self.rounds:
             self.learner.set_arrays(named)
             try:
-                test = self.evaluate_set("global-test", server_round, now, final=server_round == self.scn.rounds)
-                rows += [test, self.evaluate_set("global-shift", server_round, now)]
+                test = self.evaluate_set("global-test", server_round, now, final=server_round == self.scn.rounds,
+                                         calibration=calibration)
+                rows += [test, self.evaluate_set("global-shift", server_round, now, calibration=calibration)]
             except Diverged:
                 self.recorder.write_rows(rows)  # the round's training facts are kept
                 raise
@@ -206,9 +211,34 @@ class RoundEvaluator:
         self.grid.begin_round(server_round + 1)
         return result
 
-    def evaluate_set(self, scope: str, server_round: int, now: float, final: bool = False) -> dict[str, Any]:
+    def calibrate(self, server_round: int, arrays: ArrayRecord) -> Calibration | None:
+        """``evaluate.conformal``: every client scores the global predictive on its validation
+        split (``query.conformal``); the threshold comes from the pooled scores or from the
+        clients' local quantiles (``method``). None when conformal prediction is off or no
+        client has validation data."""
+        cfg = self.scn.evaluate.conformal
+        if cfg is None:
+            return None
+        messages = [Message(RecordDict({"arrays": arrays}), message_type="query.conformal", dst_node_id=node)
+                    for node in self.grid.get_node_ids()]
+        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.grid.timeout) if not r.has_error()]
+        per_client = [r.content["conformal"] for r in replies]  # partition-id order (the grid sorts)
+        per_client = [c for c in per_client if int(c["n"]) > 0]
+        if not per_client:
+            return None
+        scores = [np.asarray(c["scores"], dtype=np.float64) for c in per_client]
+        if cfg.method == "pooled":
+            q, order = split_quantile(np.concatenate(scores), cfg.alpha), 0
+        else:
+            q, order = qoq_threshold([float(c["local_quantile"]) for c in per_client], [len(s) for s in scores], cfg.alpha)
+        coverage = [float((s <= q + 1e-12).mean()) for s in scores]  # each client's own split, a measurement
+        return Calibration(q, order, len(per_client), int(sum(len(s) for s in scores)), min(coverage))
+
+    def evaluate_set(self, scope: str, server_round: int, now: float, final: bool = False,
+                     calibration: Calibration | None = None) -> dict[str, Any]:
         """Metrics of the global model on the test or the shifted set; on the test set also the
-        OOD AUROC against noise inputs, by predictive entropy and by mutual information."""
+        OOD AUROC against noise inputs, by predictive entropy and by mutual information; with a
+        calibration, the conformal sets' coverage and mean size."""
         ds = self.data.test if scope == "global-test" else self.data.shift
         # Predictions may sample (MC dropout, posterior samples, roundings): seed them per round.
         torch.manual_seed(derive_seed(self.scn.seed, server_round, 2**32 + (scope == "global-shift")))
@@ -225,11 +255,36 @@ class RoundEvaluator:
             scores_out = uncertainty_scores(predict_dataset(self.learner, self.data.ood, self.scn.evaluate.batch_size), weights)
             metrics["ood_auroc"] = ood_auroc(scores_in["entropy"], scores_out["entropy"])
             metrics["ood_auroc_mi"] = ood_auroc(scores_in["mutual_information"], scores_out["mutual_information"])
+        if calibration is not None:
+            metrics.update(calibration.row(probs, labels, self.scn.evaluate.conformal.score, scope == "global-test"))
         if final:
             self.recorder.record_reliability(reliability_bins(probs, labels, self.scn.evaluate.n_bins),
                                              "final global model, test set")
         return {"round": server_round, "scope": scope, "time_s": now, **metrics, "num_examples": len(ds),
                 "members": member_probs.shape[0]}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A round's conformal threshold and how it was set (``RoundEvaluator.calibrate``)."""
+
+    threshold: float  # q: the set of x is {y : s(x, y) <= q}; inf = every label
+    order: int  # quantile of quantiles: which local quantile (l); 0 for pooled
+    clients: int  # clients whose validation scores calibrated it
+    points: int  # calibration scores in all
+    worst_client_coverage: float  # the lowest share of a client's own scores under q
+
+    def row(self, probs: torch.Tensor, labels: torch.Tensor, score: str, details: bool) -> dict[str, Any]:
+        """``conformal_coverage`` and ``conformal_size`` of the sets on ``probs`` ``(n, classes)``;
+        on the test row also the threshold and the calibration facts."""
+        sets = set_metrics(probs, labels, self.threshold, score)
+        out: dict[str, Any] = {"conformal_coverage": sets["coverage"], "conformal_size": sets["size"]}
+        if details:
+            out.update({"conformal_threshold": self.threshold if np.isfinite(self.threshold) else None,
+                        "conformal_order": self.order, "conformal_clients": self.clients,
+                        "conformal_points": self.points,
+                        "conformal_worst_client_coverage": self.worst_client_coverage})
+        return out
 
 
 def train_row(traffic: RoundTraffic) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedens.checkpoint import ResumeState, restore_rng, rng_states
+from fedens.conformal import set_metrics
 from fedens.checkpoint import save as save_checkpoint
 from fedens.data import ArrayDataset, ServerData, load_server_data
 from fedens.algorithms.swarm import validator_scores
@@ -197,7 +198,7 @@ class GossipMeter:
             per_node, probs = evaluate_nodes(self.learner, models, ds, scn.seed, server_round, tag,
                                              scn.evaluate.n_bins, scn.evaluate.batch_size)
             rows.append({"round": server_round, "scope": scope, "time_s": now, **summarise(per_node),
-                         "num_examples": len(ds), "nodes": len(models)})
+                         "num_examples": len(ds), "nodes": len(models), **self.conformal(probs, ds, val)})
             if scope == "global-test":
                 self.last_accuracy = per_node["accuracy"]
                 if server_round == scn.rounds:  # a random node's calibration: all nodes' predictions pooled
@@ -215,6 +216,20 @@ class GossipMeter:
             self.recorder.save_checkpoint(
                 {f"node.{pid}.{name}": a for pid, m in enumerate(models) for name, a in m.items()}, server_round)
         return rows
+
+    def conformal(self, probs: torch.Tensor, ds: ArrayDataset, val: dict[int, dict[str, float]]) -> dict[str, Any]:
+        """``evaluate.conformal`` per node: node i's sets use the threshold it calibrated on its
+        own validation split (``val_conformal_quantile`` of its reply) with its own model's
+        predictive ``probs[i]`` ``(n, classes)``; the row has the mean coverage and set size over
+        nodes and the worst node's coverage. Empty before the nodes first replied (round 0)."""
+        cfg = self.scn.evaluate.conformal
+        if cfg is None or not val or any("val_conformal_quantile" not in val.get(p, {}) for p in range(len(probs))):
+            return {}
+        labels = torch.from_numpy(ds.y)
+        sets = [set_metrics(probs[p], labels, float(val[p]["val_conformal_quantile"]), cfg.score) for p in range(len(probs))]
+        coverage = [s["coverage"] for s in sets]
+        return {"conformal_coverage": float(np.mean(coverage)), "conformal_size": float(np.mean([s["size"] for s in sets])),
+                "conformal_worst_node_coverage": float(min(coverage))}
 
     def write(self, server_round: int, rows: list[dict[str, Any]]) -> None:
         self.recorder.write_rows(rows)

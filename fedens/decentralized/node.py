@@ -30,11 +30,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedens.conformal import split_quantile, true_scores
 from fedens.data import ArrayDataset
 from fedens.decentralized.rules import GossipContext, GossipRule, Scores
 from fedens.learners.base import Learner, predict_dataset
 from fedens.metrics import classification_metrics, predictive
 from fedens.payload import from_record
+from fedens.scenario import ConformalConfig
 from fedens.seeding import derive_seed, seed_torch, seeded_generator
 
 Arrays = dict[str, np.ndarray]
@@ -97,14 +99,21 @@ def own_model(state: RecordDict, init: Arrays | None) -> Arrays:
 
 
 def evaluate_own(learner: Learner, data: ArrayDataset, seed: int, server_round: int, node: int,
-                 n_bins: int = 10, batch_size: int = 512) -> dict[str, float]:
-    """``val_<metric>`` of the learner on the node's own validation split (empty if it has none)."""
+                 n_bins: int = 10, batch_size: int = 512, conformal: ConformalConfig | None = None) -> dict[str, float]:
+    """``val_<metric>`` of the learner on the node's own validation split (empty if it has none);
+    with ``conformal``, also ``val_conformal_quantile``: the split-conformal threshold of the
+    node's own model calibrated on that split (+inf sent as 1e300)."""
     if len(data) == 0:
         return {}
     seed_torch(derive_seed(seed, server_round, node, 1))  # predictions may sample
     probs = predictive(predict_dataset(learner, data, batch_size), learner.predictive_weights)  # (n, classes)
-    metrics = classification_metrics(probs, torch.from_numpy(data.y), n_bins)
-    return {f"val_{k}": metrics[k] for k in VAL_KEYS}
+    labels = torch.from_numpy(data.y)
+    metrics = classification_metrics(probs, labels, n_bins)
+    out = {f"val_{k}": metrics[k] for k in VAL_KEYS}
+    if conformal is not None:
+        q = split_quantile(true_scores(probs, labels, conformal.score), conformal.alpha)
+        out["val_conformal_quantile"] = min(q, 1e300)
+    return out
 
 
 def gossip_step(
@@ -119,6 +128,7 @@ def gossip_step(
     server_round: int,
     n_bins: int = 10,
     batch_size: int = 512,
+    conformal: ConformalConfig | None = None,
 ) -> tuple[Arrays, dict[str, float]]:
     """One round of node ``ctx.node``: ``rule(own, received)``, then local training on ``train``
     (seeded by ``(seed, round, node)``), then validation on ``val``.
@@ -130,7 +140,7 @@ def gossip_step(
     learner.set_arrays(mixed)
     metrics = learner.fit(train, seeded_generator(seed, server_round, ctx.node), server_round)
     trained = learner.get_arrays()
-    metrics.update(evaluate_own(learner, val, seed, server_round, ctx.node, n_bins, batch_size))
+    metrics.update(evaluate_own(learner, val, seed, server_round, ctx.node, n_bins, batch_size, conformal))
     metrics.update({f"rule_{k}": float(v) for k, v in facts.items()})
     metrics["num-examples"] = len(train)
     return trained, {k: float(v) if not isinstance(v, int) else v for k, v in metrics.items()}

@@ -79,7 +79,11 @@ def check_references(scn: Scenario) -> Scenario:
         )
 
     if scn.mode == "decentralized":
+        if scn.distill is not None:
+            raise ScenarioError(f"{label}: distill: only in federated mode (there is no global model to distil)")
         return _check_decentralized(scn, params, learner_options)
+    if scn.distill is not None and scn.data.server_fraction <= 0:
+        raise ScenarioError(f"{label}: distill: needs data.server_fraction > 0 (the public split the student learns on)")
     for key, default in (("topology", RingTopology()), ("gossip", GossipConfig())):
         if getattr(scn, key) != default:
             raise ScenarioError(f"{label}: {key}: only used in decentralized mode (set mode: decentralized)")

@@ -60,8 +60,10 @@ FINAL = [
     *[(f"nodes_{m}", "nodes-val", m) for m in ("accuracy", "ece")],
     *[(f"{s}_conformal_{m}", f"global-{g}", f"conformal_{m}") for s, g in (("test", "test"), ("shift", "shift"))
       for m in ("coverage", "size")],
+    *[(f"student_{m}", "global-test-student", m) for m in ("accuracy", "nll", "ece")],
 ]
-CONFORMAL = ("test_conformal_coverage", "test_conformal_size", "shift_conformal_coverage")  # tabled when measured
+# tabled when a comparison measured them (evaluate.conformal, distill)
+OPTIONAL = ("test_conformal_coverage", "test_conformal_size", "shift_conformal_coverage", "student_accuracy", "student_ece")
 RUN_FACTS = ("rounds_to_target", "bytes_per_client_round", "wall_time_s")
 TABLE = ("test_accuracy", "test_nll", "test_ece", "test_brier", "test_ood_auroc", "shift_ece")
 MARKER = "compare.json"  # in each run folder: the scenario it ran, to skip it on a rerun
@@ -496,8 +498,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     variant against the reference: the paired mean difference ± its half-interval, and p."""
     labels = {"test_accuracy": "accuracy", "test_nll": "NLL", "test_ece": "ECE", "test_brier": "Brier",
               "test_ood_auroc": "OOD AUROC", "shift_ece": "shift ECE", "test_conformal_coverage": "set coverage",
-              "test_conformal_size": "set size", "shift_conformal_coverage": "shift set coverage"}
-    measured = [c for c in CONFORMAL if any((row.get(c) or {}).get("mean") is not None for row in report["variants"].values())]
+              "test_conformal_size": "set size", "shift_conformal_coverage": "shift set coverage",
+              "student_accuracy": "student accuracy", "student_ece": "student ECE"}
+    measured = [c for c in OPTIONAL if any((row.get(c) or {}).get("mean") is not None for row in report["variants"].values())]
     cols = list(TABLE) + measured + (["rounds_to_target"] if report.get("target") else []) + ["bytes_per_client_round", "wall_time_s"]
     names = {**labels, "rounds_to_target": "rounds to target", "bytes_per_client_round": "kB/client/round", "wall_time_s": "wall s"}
     lines = [f"# {report['name']}", "",

@@ -141,6 +141,18 @@ class ConformalConfig(_Strict):
         "pooled", description="threshold from every client's scores, or from their local quantiles only (one-shot)")
 
 
+class DistillConfig(_Strict):
+    """Distil the global predictive into one network on the server's public split at every
+    evaluation (docs/methods.md#distillation)."""
+
+    epochs: int = Field(30, ge=1, le=100_000, description="epochs over the public split per evaluation")
+    temperature: float = Field(1.0, gt=0, description="targets ∝ p^(1/T): 1 distils the predictive itself, < 1 sharpens")
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, ge=1)
+
+
 class EvaluateConfig(_Strict):
     every: int = Field(1, ge=1, le=1_000_000, description="evaluate every N rounds (and round 0 and the last)")
     n_bins: int = Field(10, ge=2, le=10_000, description="equal-width ECE bins, as in the IVON and LoRA-Ensemble papers")
@@ -245,6 +257,8 @@ class Scenario(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    distill: DistillConfig | None = Field(
+        None, description="federated: distil the global model into one network (scopes global-*-student); None: off")
     round_timeout_s: float | None = Field(
         None, gt=0, le=86400, description="replies later than this (per message round) are dropped as stragglers"
     )

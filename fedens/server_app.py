@@ -24,6 +24,7 @@ from fedens.checkpoint import ResumeState, restore_rng, rng_states
 from fedens.conformal import qoq_threshold, set_metrics, split_quantile
 from fedens.checkpoint import save as save_checkpoint
 from fedens.data import ServerData, load_server_data
+from fedens.distill import fit_student
 from fedens.decentralized.engine import run_gossip
 from fedens.grid import Diverged, FedensGrid, RoundTraffic, exploded, report_failures
 from fedens.learners import build_learner
@@ -39,8 +40,8 @@ from fedens.metrics import (
 )
 from fedens.payload import from_record, to_record
 from fedens.results import RunRecorder
-from fedens.scenario import Scenario
-from fedens.seeding import derive_seed
+from fedens.scenario import LearnerConfig, Scenario
+from fedens.seeding import derive_seed, seeded_generator
 from fedens.strategies import build_strategy, resolve_strategy
 from fedens.strategies.base import REJECTED_KEY, round_facts
 
@@ -158,6 +159,7 @@ class RoundEvaluator:
         self.scn, self.learner, self.data, self.grid = scn, learner, data, grid
         self.recorder, self.on_round, self.strategy = recorder, on_round, strategy
         self.rounds = scn.evaluation_rounds
+        self.student: Learner | None = None  # ``distill``: the single network the global model is distilled into
 
     def __call__(self, server_round: int, arrays: ArrayRecord, facts: dict[str, Any] | None = None) -> MetricRecord | None:
         """``facts``: what the strategy returned about the round (``fedens.strategies.base.with_facts``),
@@ -193,6 +195,8 @@ class RoundEvaluator:
                 test = self.evaluate_set("global-test", server_round, now, final=server_round == self.scn.rounds,
                                          calibration=calibration)
                 rows += [test, self.evaluate_set("global-shift", server_round, now, calibration=calibration)]
+                if self.scn.distill is not None:
+                    rows += self.distil(server_round, now)
             except Diverged:
                 self.recorder.write_rows(rows)  # the round's training facts are kept
                 raise
@@ -234,25 +238,45 @@ class RoundEvaluator:
         coverage = [float((s <= q + 1e-12).mean()) for s in scores]  # each client's own split, a measurement
         return Calibration(q, order, len(per_client), int(sum(len(s) for s in scores)), min(coverage))
 
+    def distil(self, server_round: int, now: float) -> list[dict[str, Any]]:
+        """``distill``: fit the student to the global predictive on the public split (the
+        learner holds the global arrays) and evaluate it as ``global-test-student`` and
+        ``global-shift-student`` (fedens.distill)."""
+        cfg, public = self.scn.distill, self.data.public
+        torch.manual_seed(derive_seed(self.scn.seed, server_round, _STUDENT_TAG))  # predictions may sample
+        teacher = predictive(predict_dataset(self.learner, public, self.scn.evaluate.batch_size),
+                             self.learner.predictive_weights)
+        if self.student is None:  # the first student: a fresh network, seeded apart from everything else
+            torch.manual_seed(derive_seed(self.scn.seed, _STUDENT_TAG))
+            single = self.scn.model_copy(update={"learner": LearnerConfig(kind="single")})
+            self.student = build_learner(single, self.data.input_shape, self.data.num_classes, torch.device("cpu"))
+        losses = fit_student(self.student, teacher, public, cfg, seeded_generator(self.scn.seed, server_round, _STUDENT_TAG))
+        rows = [self.evaluate_set(f"{scope}-student", server_round, now, learner=self.student)
+                for scope in ("global-test", "global-shift")]
+        rows[0]["distill_loss"] = losses[-1]
+        return rows
+
     def evaluate_set(self, scope: str, server_round: int, now: float, final: bool = False,
-                     calibration: Calibration | None = None) -> dict[str, Any]:
+                     calibration: Calibration | None = None, learner: Learner | None = None) -> dict[str, Any]:
         """Metrics of the global model on the test or the shifted set; on the test set also the
         OOD AUROC against noise inputs, by predictive entropy and by mutual information; with a
         calibration, the conformal sets' coverage and mean size."""
-        ds = self.data.test if scope == "global-test" else self.data.shift
+        learner = self.learner if learner is None else learner
+        on_test = scope.startswith("global-test")
+        ds = self.data.test if on_test else self.data.shift
         # Predictions may sample (MC dropout, posterior samples, roundings): seed them per round.
-        torch.manual_seed(derive_seed(self.scn.seed, server_round, 2**32 + (scope == "global-shift")))
-        member_probs = predict_dataset(self.learner, ds, self.scn.evaluate.batch_size)  # (members, n, classes)
+        torch.manual_seed(derive_seed(self.scn.seed, server_round, 2**32 + (not on_test)))
+        member_probs = predict_dataset(learner, ds, self.scn.evaluate.batch_size)  # (members, n, classes)
         if not torch.isfinite(member_probs).all():  # finite weights, yet e.g. a posterior sample overflowed
             raise Diverged(f"diverged at round {server_round}: the global model's predictions on the "
                            f"{scope.split('-')[1]} set have non-finite values")
-        weights = self.learner.predictive_weights  # the predictive's weights over members (None: uniform)
+        weights = learner.predictive_weights  # the predictive's weights over members (None: uniform)
         probs, labels = predictive(member_probs, weights), torch.from_numpy(ds.y)
         metrics = classification_metrics(probs, labels, self.scn.evaluate.n_bins)
         metrics.update(ensemble_metrics(member_probs, labels, weights))
-        if scope == "global-test":
+        if on_test:
             scores_in = uncertainty_scores(member_probs, weights)
-            scores_out = uncertainty_scores(predict_dataset(self.learner, self.data.ood, self.scn.evaluate.batch_size), weights)
+            scores_out = uncertainty_scores(predict_dataset(learner, self.data.ood, self.scn.evaluate.batch_size), weights)
             metrics["ood_auroc"] = ood_auroc(scores_in["entropy"], scores_out["entropy"])
             metrics["ood_auroc_mi"] = ood_auroc(scores_in["mutual_information"], scores_out["mutual_information"])
         if calibration is not None:
@@ -285,6 +309,9 @@ class Calibration:
                         "conformal_points": self.points,
                         "conformal_worst_client_coverage": self.worst_client_coverage})
         return out
+
+
+_STUDENT_TAG = 2**33  # the student's seed stream, apart from clients (partition ids) and evaluation
 
 
 def train_row(traffic: RoundTraffic) -> dict[str, Any]:

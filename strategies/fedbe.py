@@ -16,7 +16,7 @@ Chen & Chao, "FedBE: Making Bayesian Model Ensemble Applicable to Federated Lear
    the SWA average of the student's weights at the end of every epoch.
 
 Decisions
-- Temperature (``temperature`` 0.5): applied as in FedBE's code (``utils/tools.py:temp_sharpen``,
+- Temperature (``temperature`` 0.5): applied as in FedBE's public code (its temperature-sharpening helper,
   used for the KL loss): the averaged teacher probabilities are sharpened,
   target ∝ p̄^(1/T) (with T = 0.5 this squares and renormalises them), and the student is trained
   at temperature 1 (plain softmax), so the model it produces predicts at temperature 1 like every
@@ -58,11 +58,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from fedens.data import ArrayDataset
-from fedens.learners.base import Learner, minibatches, module_arrays, predict_dataset
+from fedens.distill import distill, sharpen
+from fedens.learners.base import Learner, module_arrays, predict_dataset
 from fedens.options import Options as BaseOptions
 from fedens.seeding import derive_seed, seeded_generator
 from fedens.strategies import STRATEGIES
@@ -131,61 +131,6 @@ def teacher_probabilities(learner: Learner, teachers: list[Arrays], data: ArrayD
         total = probs if total is None else total + probs
     assert total is not None, "no teachers"
     return (total / len(teachers)).float()
-
-
-def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """FedBE's ``temp_sharpen``: ``p^(1/T)`` renormalised over the last axis (floored at 1e-8
-    before renormalising). ``T = 1`` is the identity, ``T < 1`` sharpens."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    p = probs.double().clamp_min(0) ** (1.0 / temperature)
-    p = p.clamp_min(1e-8)
-    return (p / p.sum(-1, keepdim=True)).to(probs.dtype)
-
-
-def distill(
-    learner: Learner,
-    targets: torch.Tensor,
-    data: ArrayDataset,
-    *,
-    epochs: int,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    batch_size: int = 128,
-    generator: torch.Generator,
-) -> tuple[Arrays, list[float]]:
-    """Train ``learner.model`` (a ``single``-style learner, already at its start point) on
-    KL(targets ‖ softmax(model(x))) over ``data.x`` (``targets`` ``(n, classes)``, rows aligned
-    with ``data``; ``data.y`` is never read) with SGD, and return ``(swa_arrays, epoch_losses)``:
-    the equal-weight average of the network's arrays at the end of each epoch, and the mean KL of
-    each epoch. The learner is left at the last epoch's weights."""
-    if epochs < 1:
-        raise ValueError(f"distillation needs epochs >= 1, got {epochs}")
-    model = learner.model
-    index = ArrayDataset(np.ascontiguousarray(data.x), np.arange(len(data), dtype=np.int64))  # rows, not labels
-    targets = targets.to(learner.device, torch.float32)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    swa: dict[str, np.ndarray] = {}
-    losses = []
-    for epoch in range(epochs):
-        model.train()
-        total, count = 0.0, 0
-        for x, rows in minibatches(index, batch_size, generator, learner.device):
-            loss = F.kl_div(F.log_softmax(model(x), dim=-1), targets[rows], reduction="batchmean")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(rows), count + len(rows)
-        losses.append(total / max(count, 1))
-        current = module_arrays(model)
-        for name, value in current.items():  # running mean over epochs (SWA)
-            if np.issubdtype(value.dtype, np.floating) and name in swa:
-                swa[name] = (swa[name].astype(np.float64) * epoch + value.astype(np.float64)) / (epoch + 1)
-            else:
-                swa[name] = value.astype(np.float64) if np.issubdtype(value.dtype, np.floating) else value
-    dtypes = {k: v.dtype for k, v in module_arrays(model).items()}
-    return {k: np.asarray(v).astype(dtypes[k]) for k, v in swa.items()}, losses
 
 
 # --------------------------------------------------------------------------- the strategy

@@ -67,7 +67,7 @@ CLAIMS = [
     Claim("ensembles", "ensembles", "Ensembles are better calibrated than a single network",
           "deep ensembles (Lakshminarayanan et al. 2017), BatchEnsemble (Wen et al. 2020), FiLM-Ensemble (Turkoglu et al. "
           "2022), subnetworks (Zhang et al. 2021), MC dropout (Gal & Ghahramani 2016), snapshots (Huang et al. 2017), "
-          "low-precision ensembles (Nam & Lee 2024)",
+          "low-precision ensembles (Nam & Lee 2024), FGE (Garipov et al. 2018), StarSSE (Sadrtdinov et al. 2023)",
           [("*", "")], [Check("test_ece", "lower"), Check("test_nll", "lower")], plot="comparison.png",
           extra_plots=["reliability.png"],
           reading="Mostly does not hold here, for a reason the runs show: after 30 federated rounds the single CNN is "

@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
@@ -55,13 +56,35 @@ from fedens.scenario import TrainConfig
 class SnapshotOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     members: int = Field(5, ge=1, description="snapshot slots M; the oldest is overwritten after M cycles")
-    cycle_rounds: int = Field(4, ge=1, description="server rounds per cosine cycle, ⌈T/M⌉ in the paper")
+    cycle_rounds: int = Field(4, ge=1, description="server rounds per cycle, ⌈T/M⌉ in the paper")
+    schedule: Literal["cosine", "fge"] = Field(
+        "cosine", description="cosine restarts, snapshot at a cycle's end (Huang et al.); or FGE's piecewise-linear "
+        "cycle, snapshot at its middle (Garipov et al.)")
+    lr_low: float = Field(0.01, gt=0, le=1, description="fge: the cycle's lowest learning rate, as a fraction of train.lr")
+    start: Literal["continue", "star"] = Field(
+        "continue", description="continue: a cycle starts where the last ended; star: every cycle restarts from the "
+        "model at the end of warm-up (StarSSE)")
+    warmup_rounds: int = Field(0, ge=0, description="rounds of plain training at train.lr before the first cycle")
+
+    @model_validator(mode="after")
+    def _even_fge_cycles(self) -> "SnapshotOptions":
+        if self.schedule == "fge" and self.cycle_rounds % 2:
+            raise ValueError("cycle_rounds: fge takes its snapshot at a cycle's middle round: must be even")
+        return self
 
 
 def cyclic_lr(t: int, lr0: float, cycle: int) -> float:
     """α(t) = α0/2·(cos(π·mod(t−1, cycle)/cycle) + 1) for steps (here rounds) t = 1, 2, ...:
     α0 at a cycle's first step, falling towards 0 at its last."""
     return lr0 / 2 * (math.cos(math.pi * ((t - 1) % cycle) / cycle) + 1)
+
+
+def fge_lr(t: int, lr1: float, lr2: float, cycle: int) -> float:
+    """FGE's piecewise-linear cycle (Garipov et al. 2018, eq. 2) for steps t = 1, 2, ...: with
+    s = (mod(t−1, cycle) + 1)/cycle, ``(1 − 2s) lr1 + 2s lr2`` for s ≤ 1/2 and ``(2 − 2s) lr2 +
+    (2s − 1) lr1`` after: from near lr1 down to lr2 at the middle (the snapshot) and back."""
+    s = ((t - 1) % cycle + 1) / cycle
+    return (1 - 2 * s) * lr1 + 2 * s * lr2 if s <= 0.5 else (2 - 2 * s) * lr2 + (2 * s - 1) * lr1
 
 
 @LEARNERS.register("snapshot")
@@ -82,20 +105,39 @@ class SnapshotLearner(SingleLearner):
         # slot k of tensor ``name`` is snapshots[name][k]: (M, *shape)
         self.snapshots = {name: torch.zeros(M, *t.shape, dtype=t.dtype, device=device) for name, t in state.items()}
         self.filled = torch.zeros(M, device=device)  # (M,), 1.0 where a slot holds a snapshot
+        # star: the model every cycle restarts from (the initial one until warm-up ends)
+        self.center = {name: t.detach().clone() for name, t in state.items()} if options.start == "star" else None
+
+    def round_plan(self, server_round: int) -> tuple[float, bool, bool]:
+        """``(lr, restart, snapshot)`` of a round: its learning rate, whether it starts from the
+        star centre (first round of a cycle, ``start: star``), whether it ends in a snapshot."""
+        o, lr0 = self.options, self.base_train.lr
+        t = server_round - o.warmup_rounds  # the round within the cycles, 1-based
+        if t < 1:
+            return lr0, False, False
+        position = (t - 1) % o.cycle_rounds + 1
+        restart = o.start == "star" and position == 1
+        if o.schedule == "fge":
+            return fge_lr(t, lr0, o.lr_low * lr0, o.cycle_rounds), restart, position == o.cycle_rounds // 2
+        return cyclic_lr(t, lr0, o.cycle_rounds), restart, position == o.cycle_rounds
 
     def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
         if server_round < 1:
             raise ValueError(f"snapshot: server rounds start at 1, got {server_round}")
-        C = self.options.cycle_rounds
-        lr = cyclic_lr(server_round, self.base_train.lr, C)
+        o = self.options
+        lr, restart, snapshot = self.round_plan(server_round)
+        if restart:  # StarSSE: every cycle begins at the centre, not where the last one ended
+            self.model.load_state_dict(self.center)
         self.train_cfg = self.base_train.model_copy(update={"lr": lr})
         metrics = super().fit(data, generator, server_round)
-        if server_round % C == 0:  # end of a cycle: the trained weights become a snapshot
-            slot = (server_round // C - 1) % self.options.members
-            with torch.no_grad():
+        with torch.no_grad():
+            if snapshot:  # the trained weights become snapshot c (c = the cycle's index)
+                slot = ((server_round - o.warmup_rounds - 1) // o.cycle_rounds) % o.members
                 for name, t in self.model.state_dict().items():
                     self.snapshots[name][slot].copy_(t)
                 self.filled[slot] = 1.0
+            if self.center is not None and o.warmup_rounds and server_round == o.warmup_rounds:
+                self.center = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         return {**metrics, "lr": lr}
 
     @torch.no_grad()
@@ -114,6 +156,8 @@ class SnapshotLearner(SingleLearner):
         for k in range(self.options.members):
             arrays.update({f"member.{k}.{name}": s[k].cpu().numpy().copy() for name, s in self.snapshots.items()})
             arrays[f"member.{k}.filled"] = self.filled[k : k + 1].cpu().numpy().astype(np.float32)
+        if self.center is not None:  # FedAvg averages it like any array: the global centre
+            arrays.update({f"center.{name}": t.cpu().numpy().copy() for name, t in self.center.items()})
         return arrays
 
     def set_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -123,3 +167,6 @@ class SnapshotLearner(SingleLearner):
                 for name, s in self.snapshots.items():
                     s[k].copy_(torch.as_tensor(np.asarray(arrays[f"member.{k}.{name}"])))
                 self.filled[k] = float(np.asarray(arrays[f"member.{k}.filled"]).reshape(()))
+            if self.center is not None:
+                self.center = {name: torch.as_tensor(np.asarray(arrays[f"center.{name}"])).to(t)
+                               for name, t in self.center.items()}

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from fedens.data import ArrayDataset
-from fedens.learners.snapshot import SnapshotLearner, SnapshotOptions, cyclic_lr
+from fedens.learners.snapshot import SnapshotLearner, SnapshotOptions, cyclic_lr, fge_lr
 from fedens.models import build_model
 from fedens.scenario import TrainConfig
 
@@ -128,3 +128,49 @@ def test_bad_options_and_rounds_are_rejected(data):
             SnapshotOptions(**bad)
     with pytest.raises(ValueError):
         make().fit(data, torch.Generator(), 0)
+
+
+def test_fge_lr_by_hand():
+    # cycle of 4: s = 1/4, 1/2, 3/4, 1 -> 0.5 lr1 + 0.5 lr2, lr2 (the snapshot), 0.5 lr2 + 0.5 lr1, lr1
+    lr1, lr2 = 0.1, 0.001
+    assert [fge_lr(t, lr1, lr2, 4) for t in range(1, 9)] == pytest.approx([0.0505, 0.001, 0.0505, 0.1] * 2)
+
+
+def test_fge_snapshots_at_the_cycles_middle_after_warmup(data):
+    learner = make(members=2, cycle_rounds=4, schedule="fge", lr_low=0.01, warmup_rounds=2)
+    plans = [learner.round_plan(r) for r in range(1, 11)]
+    assert [p[0] for p in plans] == pytest.approx([0.1, 0.1, 0.0505, 0.001, 0.0505, 0.1, 0.0505, 0.001, 0.0505, 0.1])
+    assert [r for r, p in zip(range(1, 11), plans) if p[2]] == [4, 8]  # rounds 2 + 2 and 2 + 4 + 2
+    with pytest.raises(ValidationError, match="must be even"):
+        SnapshotOptions(schedule="fge", cycle_rounds=3)
+
+
+def test_star_cycles_restart_from_the_model_at_the_end_of_warmup(data):
+    """Two clients, FedAvg, 1 warm-up round, cycles of 2: rounds 2 and 4 start from the centre."""
+    opts = {"members": 2, "cycle_rounds": 2, "start": "star", "warmup_rounds": 1}
+    glob = make(**opts).get_arrays()
+    names = [n for n in glob if not n.startswith(("member.", "center."))]
+    seen_start = {}
+    for r in range(1, 5):
+        replies = []
+        for client in range(2):
+            learner = make(seed=10 + client, **opts)
+            learner.set_arrays(glob)
+            lr, restart, _ = learner.round_plan(r)
+            if restart:  # what the client trains from this round
+                learner.model.load_state_dict(learner.center)
+                seen_start[r] = {n: learner.get_arrays()[n] for n in names}
+                learner.set_arrays(glob)  # fit applies the restart itself
+            learner.fit(data, torch.Generator().manual_seed(100 * r + client), r)
+            replies.append(learner.get_arrays())
+        new = fedavg(replies, [24, 12])
+        if r == 1:  # the centre is the global model at the end of warm-up
+            centre = {n: new[n] for n in names}
+            for n in names:
+                np.testing.assert_allclose(new[f"center.{n}"], new[n], atol=1e-6)
+        glob = new
+    assert sorted(seen_start) == [2, 4]
+    for r in (2, 4):  # both cycles began at the same point, not where the previous one ended
+        for n in names:
+            np.testing.assert_allclose(seen_start[r][n], centre[n], atol=1e-6)
+    assert not np.allclose(glob["member.0." + names[0]], glob["member.1." + names[0]])  # two different snapshots

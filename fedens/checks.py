@@ -73,6 +73,9 @@ def check_references(scn: Scenario) -> Scenario:
     if problem:
         raise ScenarioError(f"{label}: {problem}")
 
+    if scn.evaluate.conformal is not None and scn.data.val_fraction <= 0:
+        raise ScenarioError(f"{label}: data.val_fraction: evaluate.conformal calibrates on the clients' validation "
+                            "splits: must be > 0")
     if scn.data.partition.kind == "pathological" and scn.data.partition.classes_per_client > num_classes:
         raise ScenarioError(
             f"{label}: data.partition.classes_per_client: must be <= the {num_classes} classes"
@@ -150,7 +153,7 @@ def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_opt
     """The decentralized part of ``check_references``: no strategy, a valid gossip rule, a
     graph that can be built (connected unless allowed). Returns the scenario with the edges
     file (if any) made absolute against the scenario's folder."""
-    from fedens.decentralized.rules import GOSSIP_RULES, Swarm, make_rule
+    from fedens.decentralized.rules import GOSSIP_RULES, GossipRule, Swarm, make_rule
 
     label = scn.source
     if scn.strategy != StrategyConfig():
@@ -162,8 +165,8 @@ def _check_decentralized(scn: Scenario, data_params: dict[str, Any], learner_opt
         cls = GOSSIP_RULES.resolve(scn.gossip.rule, scn.base_dir)
     except PluginError as err:
         raise ScenarioError(f"{label}: gossip.rule: {err}") from None
-    if isinstance(getattr(cls, "Options", None), type) and issubclass(cls.Options, BaseModel):
-        _validate_options(cls.Options, scn.gossip.params, label, "gossip.params")
+    if cls.__init__ is GossipRule.__init__:  # its Options are its parameters; a rule with a constructor of
+        _validate_options(cls.Options, scn.gossip.params, label, "gossip.params")  # its own (a dataclass) checks below
     try:  # also a plug-in rule's own checks, and the renamed-option hint
         rule = make_rule(scn.gossip.rule, scn.gossip.params, scn.base_dir)
     except ValueError as err:

@@ -9,6 +9,7 @@ shifted sets and hands the round's rows to the recorder.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,7 +235,8 @@ class RoundEvaluator:
         if cfg.method == "pooled":
             q, order = split_quantile(np.concatenate(scores), cfg.alpha), 0
         else:
-            q, order = qoq_threshold([float(c["local_quantile"]) for c in per_client], [len(s) for s in scores], cfg.alpha)
+            local = [float(c["local_quantile"]) for c in per_client]  # +inf travels as 1e300
+            q, order = qoq_threshold([math.inf if v >= 1e300 else v for v in local], [len(s) for s in scores], cfg.alpha)
         coverage = [float((s <= q + 1e-12).mean()) for s in scores]  # each client's own split, a measurement
         return Calibration(q, order, len(per_client), int(sum(len(s) for s in scores)), min(coverage))
 

@@ -6,13 +6,16 @@ the server keeps every client's dual by partition id.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from fedens.algorithms.fedlap import FedLapOptions, LapTerm, fedlap_server_step
 from fedens.strategies import STRATEGIES
-from fedens.strategies.base import Arrays, FedensStrategy
+from fedens.strategies.base import Arrays, FedensStrategy, ServerContext
+
+log = logging.getLogger("fedens")
 
 
 class FedLap(FedensStrategy):
@@ -24,6 +27,15 @@ class FedLap(FedensStrategy):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.duals: dict[int, Arrays] = {}  # partition id -> {DUAL + name: v_k}
+
+    def bind(self, ctx: ServerContext) -> None:
+        super().bind(ctx)
+        o, scn = self.options, ctx.scenario
+        sampled = max(1, round(scn.fraction_train * scn.data.num_clients))
+        if o.dual_against == "trained_from" and o.rho * sampled >= 2:  # docs/methods.md#fedlap's table
+            log.warning("fedlap: rho x sampled clients = %.3g >= 2, where the authors' dual order (trained_from) "
+                        "diverged on quadratics; lower rho below %.3g or use dual_against: new_global",
+                        o.rho * sampled, 2 / sampled)
 
     def train_config(self, server_round: int) -> dict[str, Any]:
         return LapTerm.message_config(self.options)

@@ -90,6 +90,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedens.learners.base import predict_dataset
+from fedens.metrics import predictive
 from fedens.payload import MEMBER_WEIGHTS, from_record, to_record
 from fedens.strategies import STRATEGIES
 from fedens.algorithms.swarm import (  # noqa: F401
@@ -201,7 +202,7 @@ class SwarmStrategy(FedensStrategy):
         for record in records:
             learner.set_arrays(from_record(record))
             probs = predict_dataset(learner, test)  # (P, n, classes)
-            client.append(float((probs.mean(0).argmax(1) == labels).double().mean()))
+            client.append(float((predictive(probs, learner.predictive_weights).argmax(1) == labels).double().mean()))
             member.append(float((probs.argmax(2) == labels).double().mean(1).max()))
         return {"client_test_accuracy": client, "best_client_test_accuracy": max(client),
                 "best_member_test_accuracy": max(member)}

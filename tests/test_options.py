@@ -138,3 +138,33 @@ def test_gossip_engine_asks_the_validators_for_the_rules_score(monkeypatch) -> N
     assert collect_scores(grid, {0: 100}, inbox, "accuracy") == {0: {1: [(0.9, 0.7), (0.8, 0.6)]}}
     assert (sent[0].message_type, sent[0].dst_node_id, list(sent[0].content.array_records)) == \
         ("query.validate", 100, ["cand.1"])
+
+
+DATACLASS_RULE = '''
+from dataclasses import dataclass
+from fedens.decentralized.rules import GossipRule
+
+@dataclass(frozen=True)
+class KeepOwn(GossipRule):
+    """A user's rule written as a dataclass: its fields are its options."""
+
+    strength: float = 1.0
+
+    def __call__(self, own, received, ctx):
+        return dict(own), {"strength": self.strength}
+'''
+
+
+def test_a_dataclass_gossip_rule_with_its_own_fields_loads(tmp_path: Path) -> None:
+    (tmp_path / "rule.py").write_text(DATACLASS_RULE)
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE + "mode: decentralized\ngossip: {rule: rule.py:KeepOwn, params: {strength: 0.5}}\n")
+    assert load_scenario(path).gossip.params == {"strength": 0.5}
+    path.write_text(BASE + "mode: decentralized\ngossip: {rule: rule.py:KeepOwn, params: {strenght: 0.5}}\n")
+    with pytest.raises(ScenarioError, match="gossip.params: gossip rule .*unexpected keyword argument 'strenght'"):
+        load_scenario(path)
+
+
+def test_conformal_needs_validation_data(write_yaml) -> None:
+    with pytest.raises(ScenarioError, match="data.val_fraction: evaluate.conformal calibrates"):
+        load_scenario(write_yaml("rounds: 1\ndata: {num_clients: 3, val_fraction: 0}\nevaluate: {conformal: {}}\n"))

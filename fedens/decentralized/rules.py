@@ -354,9 +354,11 @@ class Swarm(GossipRule):
 
 
 def _flat_params(model: Arrays) -> np.ndarray:
-    """All float tensors but ``precision.*``, flattened and concatenated in name order."""
+    """All float tensors but ``precision.*`` and an ensemble's predictive weights (not
+    parameters; a node that has not yet run the swarm rule has none), flattened and
+    concatenated in name order."""
     parts = [np.asarray(a, dtype=np.float64).ravel() for n, a in sorted(model.items())
-             if _is_float(a) and not n.startswith("precision.")]
+             if _is_float(a) and not n.startswith("precision.") and n != MEMBER_WEIGHTS]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -376,4 +378,4 @@ def layer_variance(models: Sequence[Arrays]) -> dict[str, float]:
     if not models:
         raise ValueError("layer_variance needs at least one model")
     return {name: float(np.mean([tensor_var(m[name]) for m in models]))
-            for name, a in models[0].items() if is_corrected(name, a)}
+            for name, a in models[0].items() if is_corrected(name, a) and name != MEMBER_WEIGHTS}

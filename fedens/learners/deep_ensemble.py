@@ -225,5 +225,5 @@ class DeepEnsembleLearner(Learner):
                 t.copy_(torch.stack(members).to(t))
         weights = arrays.get(MEMBER_WEIGHTS)
         if weights is not None and len(weights) != self.members:
-            raise KeyError(f"{MEMBER_WEIGHTS} has {len(weights)} entries for {self.members} members")
+            raise ValueError(f"{MEMBER_WEIGHTS} has {len(weights)} entries for {self.members} members")
         self.predictive_weights = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))

@@ -1,10 +1,14 @@
-"""``snapshot``: snapshot ensembles over a cyclic cosine learning rate, run over server rounds.
+"""``snapshot``: snapshot ensembles over cyclic learning rates, run over server rounds.
 
 Huang, Li, Pleiss, Liu, Hopcroft, Weinberger, "Snapshot Ensembles: Train 1, get M for free",
-ICLR 2017 (arXiv 1704.00109); the short-cycle variant is FGE (Garipov et al., NeurIPS 2018,
-arXiv 1802.10026). The learning rate follows α(t) = α0/2·(cos(π·mod(t−1, ⌈T/M⌉)/⌈T/M⌉) + 1);
-the model at the end of each cycle (small learning rate, a local minimum) is saved, and the
-predictive averages the saved models' softmaxes.
+ICLR 2017 (arXiv 1704.00109): the learning rate follows α(t) = α0/2·(cos(π·mod(t−1,
+⌈T/M⌉)/⌈T/M⌉) + 1); the model at the end of each cycle (small learning rate, a local minimum)
+is saved, and the predictive averages the saved models' softmaxes. Two variants
+(docs/methods.md#snapshot): ``schedule: fge``, Fast Geometric Ensembling (Garipov et al.,
+NeurIPS 2018, arXiv 1802.10026): piecewise-linear cycles, the snapshot at the middle round
+(``fge_lr``); ``start: star``, StarSSE (Sadrtdinov et al., NeurIPS 2023): every cycle restarts
+from the global model at the end of ``warmup_rounds``, carried as ``center.<name>``. Cycles
+count from the end of warm-up (``round_plan``); what follows is written for the cosine default.
 
 Decisions
 - The trajectory runs over server ROUNDS, not local epochs: t is the round, the cycle is
@@ -15,7 +19,8 @@ Decisions
   anyway (every round builds a fresh learner from the global arrays). Over rounds, each
   snapshot is the FedAvg model at a low-learning-rate point, and the restart to ``lr`` at the
   next cycle's first round moves the global model to a new basin, as in the paper.
-- Slots: at the last round of cycle c (r % cycle_rounds == 0) each client copies its trained
+- Slots: at the snapshot round of cycle c (cosine: its last, r % cycle_rounds == 0 without
+  warm-up; fge: its middle) each client copies its trained
   weights into slot (c − 1) mod ``members`` after training, and sets that slot's flag to 1.
   FedAvg averages slot k across clients like any array, so the averaged slot is exactly the
   average of the clients' trained weights: the new global model at the end of the cycle. In the

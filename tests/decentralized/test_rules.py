@@ -355,3 +355,11 @@ def test_a_dataclass_plugin_rule_still_works():
     assert Half().options.self_weight == 0.5 and Half(self_weight=0.25).weights(0, [1], GossipContext(0)).tolist() == [0.25, 0.75]
     with pytest.raises(ValueError, match="^self_weight: should be less than or equal to 1$"):
         Half(self_weight=2.0)
+
+
+def test_measures_ignore_predictive_weights_that_only_some_nodes_carry():
+    # after a swarm round an inactive node still has no member_weights: the measures must not care
+    a = {"member.0.w": np.array([0.0, 2.0]), "member_weights": np.array([1.0], np.float32)}
+    b = {"member.0.w": np.array([2.0, 4.0])}
+    assert consensus_distance([a, b]) == pytest.approx(np.sqrt(2.0))  # ||(1, 1)|| for each node
+    assert set(layer_variance([a, b])) == {"member.0.w"}

@@ -206,3 +206,23 @@ def test_fedlap_cov_converges_in_one_step_on_a_diagonal_quadratic():
     new = fedlap_cov_server_step(sites, {"w": wg["w"]}, delta)
     assert np.allclose(new["w"], ridge, atol=1e-10)
     assert np.allclose(new["precision.w"], delta + sum(np.diag(x.T @ x) for x in X))
+
+
+def test_fedlap_warns_where_the_authors_order_is_known_to_diverge(caplog):
+    from types import SimpleNamespace
+
+    from fedens.strategies.fedlap import FedLap
+    from fedens.strategies.base import ServerContext
+
+    def ctx(num_clients: int, fraction: float = 1.0) -> ServerContext:
+        scn = SimpleNamespace(fraction_train=fraction, data=SimpleNamespace(num_clients=num_clients))
+        return ServerContext(scenario=scn, data=None, new_learner=lambda: None, seed=0)
+
+    with caplog.at_level("WARNING", logger="fedens"):
+        FedLap().bind(ctx(10))  # rho 0.1 x 10 = 1: fine
+        assert not caplog.records
+        FedLap().bind(ctx(40, 0.5))  # 0.1 x 20 = 2
+        assert "rho x sampled clients = 2" in caplog.text
+        caplog.clear()
+        FedLap(dual_against="new_global").bind(ctx(40))  # the other order tolerates any rho
+        assert not caplog.records

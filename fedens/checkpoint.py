@@ -47,6 +47,7 @@ class ResumeState:
     node_states: dict[int, Any] = field(default_factory=dict)  # partition id -> context.state
     rng: dict[str, Any] = field(default_factory=dict)
     reliability: dict[str, Any] | None = None
+    student: dict[str, np.ndarray] | None = None  # federated ``distill``: the student's arrays
     version: int = VERSION
 
 

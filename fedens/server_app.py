@@ -111,6 +111,8 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
 
         strategy.bind(ServerContext(scn, server_data, new_learner, scn.seed))
     evaluator = RoundEvaluator(scn, learner, server_data, fgrid, recorder, on_round, strategy)
+    if resume is not None and resume.student is not None:
+        evaluator.restore_student(resume.student)
     if type(strategy).start is not Strategy.start and not hasattr(strategy, "begin"):
         # a user's strategy with a loop of its own runs it (without resume)
         strategy.start(grid=fgrid, initial_arrays=arrays, num_rounds=scn.rounds, train_config=ConfigRecord(),
@@ -212,7 +214,8 @@ class RoundEvaluator:
         if server_round > 0 and every and server_round % every == 0 and server_round < self.scn.rounds:
             save_checkpoint(self.recorder.dir, ResumeState(
                 round=server_round, rows=len(self.recorder.rows), arrays=named, strategy=self.strategy,
-                node_states=self.grid.node_states(), rng=rng_states(), reliability=self.recorder.reliability))
+                node_states=self.grid.node_states(), rng=rng_states(), reliability=self.recorder.reliability,
+                student=None if self.student is None else self.student.get_arrays()))
         self.grid.begin_round(server_round + 1)
         return result
 
@@ -249,14 +252,23 @@ class RoundEvaluator:
         teacher = predictive(predict_dataset(self.learner, public, self.scn.evaluate.batch_size),
                              self.learner.predictive_weights)
         if self.student is None:  # the first student: a fresh network, seeded apart from everything else
-            torch.manual_seed(derive_seed(self.scn.seed, _STUDENT_TAG))
-            single = self.scn.model_copy(update={"learner": LearnerConfig(kind="single")})
-            self.student = build_learner(single, self.data.input_shape, self.data.num_classes, torch.device("cpu"))
+            self.student = self.new_student()
         losses = fit_student(self.student, teacher, public, cfg, seeded_generator(self.scn.seed, server_round, _STUDENT_TAG))
         rows = [self.evaluate_set(f"{scope}-student", server_round, now, learner=self.student)
                 for scope in ("global-test", "global-shift")]
         rows[0]["distill_loss"] = losses[-1]
         return rows
+
+    def new_student(self) -> Learner:
+        with torch.random.fork_rng():  # the student's initialisation draws from a stream of its own
+            torch.manual_seed(derive_seed(self.scn.seed, _STUDENT_TAG))
+            single = self.scn.model_copy(update={"learner": LearnerConfig(kind="single")})
+            return build_learner(single, self.data.input_shape, self.data.num_classes, torch.device("cpu"))
+
+    def restore_student(self, arrays: dict[str, np.ndarray]) -> None:
+        """A resumed run continues from the student it had (the checkpoint's)."""
+        self.student = self.new_student()
+        self.student.set_arrays(arrays)
 
     def evaluate_set(self, scope: str, server_round: int, now: float, final: bool = False,
                      calibration: Calibration | None = None, learner: Learner | None = None) -> dict[str, Any]:

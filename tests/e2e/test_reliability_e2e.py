@@ -143,6 +143,7 @@ RESUMABLE = {
     "feddyn": {"strategy": {"name": "feddyn", "params": {"alpha": 0.1}}},
     "ivon_admm": {"learner": {"kind": "ivon", "hess_init": 1.0}, "strategy": {"name": "ivon_admm"}},
     "swarm": {"learner": {"kind": "deep_ensemble", "members": 2}, "strategy": {"name": "swarm", "params": {"k": 2, "T": 5}}},
+    "distill": {"data": {"server_fraction": 0.15}, "distill": {"epochs": 3}},
     "gossip": {"mode": "decentralized", "topology": {"kind": "ring"},
                "gossip": {"rule": "vca", "active_fraction": 0.6, "drop_prob": 0.3, "delay": 1}},
 }
@@ -154,7 +155,9 @@ def without_time(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("name", list(RESUMABLE))
 def test_a_resumed_run_has_the_rows_of_an_uninterrupted_one(session, tmp_path: Path, name: str):
-    scn = {**BASE, "rounds": 4, "fraction_evaluate": 1.0, "data": {**BASE["data"], "val_fraction": 0.2}, **RESUMABLE[name]}
+    extra = dict(RESUMABLE[name])
+    scn = {**BASE, "rounds": 4, "fraction_evaluate": 1.0, **extra,
+           "data": {**BASE["data"], "val_fraction": 0.2, **extra.get("data", {})}}
     if name == "gossip":
         scn.pop("fraction_evaluate")
     whole = session.run(scn, out=tmp_path / "whole")

@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedens.algorithms import objective_from_config
 from fedens.conformal import split_quantile, true_scores
 from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
@@ -31,7 +32,6 @@ from fedens.faults import Faults, InjectedCrash, corrupt, draw, flip_labels
 from fedens.learners import build_learner
 from fedens.learners.base import Learner, is_reusable, predict_dataset
 from fedens.metrics import classification_metrics, ensemble_metrics, predictive
-from fedens.algorithms import objective_from_config
 from fedens.payload import ROUND_KEY, from_record, records_of, single_arrayrecord, to_record
 from fedens.scenario import Scenario
 from fedens.seeding import derive_seed, seed_torch, seeded_generator

@@ -98,9 +98,7 @@ class PosteriorProduct(FedensStrategy):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        o = self.options
-        self.prior, self.prior_precision, self.min_precision = o.prior, o.prior_precision, o.min_precision
-        self.split_global = o.split_global and o.prior == "fixed"
+        self.split_global = self.options.split_global and self.options.prior == "fixed"
         self.last_k = 0  # clients merged in the last round: the global's precision is split over them
         self.split_k = 0  # the K the arrays sent this round were split over (0: not split)
 
@@ -115,8 +113,8 @@ class PosteriorProduct(FedensStrategy):
         if self.split_k:  # each reply holds a share S_g / K of the global: the shares are the prior
             g = self.global_arrays or {}
             return g[f"mean.{name}"], g[f"precision.{name}"]
-        if self.prior == "fixed":
-            return 0.0, self.prior_precision
+        if self.options.prior == "fixed":
+            return 0.0, self.options.prior_precision
         g = self.global_arrays or {}
         if f"mean.{name}" not in g or f"precision.{name}" not in g:
             raise ValueError(f"posterior_product: prior 'global' needs the round's global posterior of {name!r} (none was sent)")
@@ -134,7 +132,7 @@ class PosteriorProduct(FedensStrategy):
             # With a split global the K replies hold the global once in all (power EP): its
             # shares are not divided out; a client that did not reply is missing its share.
             count = len(parts) - self.split_k if self.split_k else None
-            m, s = posterior_product([p[0][n] for p in parts], [p[1][n] for p in parts], m0, s0, self.min_precision, count)
+            m, s = posterior_product([p[0][n] for p in parts], [p[1][n] for p in parts], m0, s0, self.options.min_precision, count)
             means[n], precs[n] = m.astype(means0[n].dtype), s.astype(precs0[n].dtype)
         rest = weighted_average([p[2] for p in parts], weights) if rest0 else {}
         return join_posterior(means, precs, rest)

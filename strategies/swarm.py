@@ -89,19 +89,11 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedens.algorithms.swarm import SwarmOptions, allocate_slots, fill_slots, slot_weights, swarm_consensus, validator_scores
 from fedens.learners.base import predict_dataset
 from fedens.metrics import predictive
 from fedens.payload import MEMBER_WEIGHTS, from_record, to_record
 from fedens.strategies import STRATEGIES
-from fedens.algorithms.swarm import (  # noqa: F401
-    SwarmOptions,
-    allocate_slots,
-    fill_slots,
-    rank,
-    slot_weights,
-    swarm_consensus,
-    validator_scores,
-)
 from fedens.strategies.base import Arrays, FedensStrategy, ServerContext, split_members, with_facts
 
 log = logging.getLogger("fedens")

@@ -33,8 +33,6 @@ NLL after round 3): 0.944 / 0.170 (posterior_product with its default fixed prio
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from pydantic import Field
 
@@ -66,10 +64,6 @@ class UncertaintyMerge(FedensStrategy):
     supported_learners = ("ivon",)
     Options = UncertaintyMergeOptions
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.alpha, self.delta0 = self.options.alpha, self.options.delta0
-
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         parts = [split_posterior(a) for a in arrays]
         means0, precs0, rest0 = parts[0]
@@ -78,13 +72,13 @@ class UncertaintyMerge(FedensStrategy):
         if self.global_arrays is None:
             raise ValueError("uncertainty_merge: needs the round's global posterior (theta_0, H_0); none was sent")
         g_means, g_precs, _ = split_posterior(self.global_arrays)
-        alpha = self.alpha if self.alpha is not None else 1.0 / len(arrays)
+        alpha = self.options.alpha if self.options.alpha is not None else 1.0 / len(arrays)
         means, precs = {}, {}
         for n in means0:
             if n not in g_means or n not in g_precs:
                 raise ValueError(f"uncertainty_merge: the global posterior lacks mean/precision of {n!r}")
             hs = [p[1][n] for p in parts]
-            m = gradient_matching_merge(g_means[n], g_precs[n], [p[0][n] for p in parts], hs, alpha, self.delta0)
+            m = gradient_matching_merge(g_means[n], g_precs[n], [p[0][n] for p in parts], hs, alpha, self.options.delta0)
             s = sum(w * np.asarray(h, dtype=np.float64) for w, h in zip(weights, hs))
             means[n], precs[n] = m.astype(means0[n].dtype), np.asarray(s).astype(precs0[n].dtype)
         rest = weighted_average([p[2] for p in parts], weights) if rest0 else {}

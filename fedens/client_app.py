@@ -39,6 +39,9 @@ from fedens.seeding import derive_seed, seed_torch, seeded_generator
 OBJECTIVE_STATE = "fedens.objective"  # the client's objective state (duals, ...) in context.state
 
 
+CLIENT_EXTRA_METRICS = ("mean_exit", "compute_fraction")  # learners' own metrics that every client reports
+
+
 def select_device(num_gpus: float) -> torch.device:
     """CUDA when the client was given a GPU share and one is present, else CPU."""
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
@@ -89,6 +92,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         pid = prepare(context)
         data = client_data(pid)  # installed or built once per actor
         learner = new_learner()
+        learner.assign_client(pid, scn.seed, scn.data.num_clients)
         arrays = from_record(single_arrayrecord(msg.content))
         learner.set_arrays(arrays)
         return pid, data, learner, arrays
@@ -140,6 +144,9 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         weights = learner.predictive_weights
         metrics = classification_metrics(predictive(member_probs, weights), labels, scn.evaluate.n_bins)
         metrics.update(ensemble_metrics(member_probs, labels, weights))
+        if len(data):  # only the keys every client has: Flower's aggregation needs the same keys in every reply
+            extra = learner.extra_metrics(data, scn.evaluate.n_bins, scn.evaluate.batch_size)
+            metrics.update({k: v for k, v in extra.items() if k in CLIENT_EXTRA_METRICS})
         metrics["num-examples"] = len(data)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

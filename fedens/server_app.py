@@ -288,6 +288,7 @@ class RoundEvaluator:
         probs, labels = predictive(member_probs, weights), torch.from_numpy(ds.y)
         metrics = classification_metrics(probs, labels, self.scn.evaluate.n_bins)
         metrics.update(ensemble_metrics(member_probs, labels, weights))
+        metrics.update(learner.extra_metrics(ds, self.scn.evaluate.n_bins, self.scn.evaluate.batch_size))
         if on_test:
             scores_in = uncertainty_scores(member_probs, weights)
             scores_out = uncertainty_scores(predict_dataset(learner, self.data.ood, self.scn.evaluate.batch_size), weights)

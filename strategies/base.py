@@ -79,6 +79,12 @@ class FedensStrategy(FedAvg):
 
     supported_learners: ClassVar[tuple[str, ...] | None] = None
     Options: ClassVar[type[BaseOptions]] = BaseOptions
+    # True when ``aggregate_arrays`` is element-wise over names and keeps no per-client state,
+    # so that replies holding different parts of the model (clients with a depth budget,
+    # ``early_exit``) can be aggregated name by name over the clients that hold each name
+    # (``aggregate_partial``). Read from the class itself, not inherited: a subclass that
+    # couples names or keeps per-client state must not get it by accident.
+    partial_replies: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         self.options, fedavg_kwargs = split_options(self.Options, kwargs)
@@ -143,6 +149,29 @@ class FedensStrategy(FedAvg):
         """Default: the weighted average (FedAvg). ``weights`` ``(K,)`` sum to 1."""
         return weighted_average(arrays, weights)
 
+    def aggregate_partial(self, server_round: int, arrays: list[Arrays], sizes: np.ndarray) -> Arrays:
+        """Replies that hold different sets of names (clients that train part of the model):
+        every name is aggregated by ``aggregate_arrays`` over the clients that hold it, with
+        their sizes ``(K,)`` renormalised among them (HeteroFL's and DepthFL's rule, Diao et
+        al. 2021, Kim et al. 2023); a name no client holds keeps its global value. Names that
+        the same clients hold go through one call, so a rule that couples a mean with its
+        precision still sees both."""
+        if not vars(type(self)).get("partial_replies", False):
+            raise ValueError(f"{type(self).__name__}: the replies hold different arrays (partial models) and this "
+                             "strategy aggregates whole models only (partial_replies is not set)")
+        groups: dict[tuple[int, ...], list[str]] = {}
+        order = list(self.global_arrays or {}) + [k for a in arrays for k in a]
+        for name in dict.fromkeys(order):
+            holders = tuple(i for i, a in enumerate(arrays) if name in a)
+            if holders:
+                groups.setdefault(holders, []).append(name)
+        new: Arrays = {}
+        for holders, names in groups.items():
+            w = sizes[list(holders)]
+            new.update(self.aggregate_arrays(server_round, [{k: arrays[i][k] for k in names} for i in holders], w / w.sum()))
+        # the global order, with what no client sent left as it was
+        return {k: new[k] if k in new else self.global_arrays[k] for k in dict.fromkeys(order) if k in new or k in (self.global_arrays or {})}
+
     # ------------------------------------------------------------------ Flower plumbing
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         current = from_record(arrays)
@@ -174,5 +203,8 @@ class FedensStrategy(FedAvg):
         contents = [m.content for m in kept]
         self.reply_partitions = [self._partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id) for m in kept]
         n = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents])
-        new = self.aggregate_arrays(server_round, arrays, n / n.sum())
+        if any(a.keys() != arrays[0].keys() for a in arrays):
+            new = self.aggregate_partial(server_round, arrays, n)
+        else:
+            new = self.aggregate_arrays(server_round, arrays, n / n.sum())
         return to_record(new), with_facts(self.train_metrics_aggr_fn(contents, self.weighted_by_key), facts)

@@ -32,6 +32,7 @@ class PosteriorAveraging(FedensStrategy):
     """Precision-weighted average of the clients' Gaussian posteriors."""
 
     supported_learners = ("ivon",)
+    partial_replies = True  # element-wise; a mean and its precision always travel together
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:
         parts = [split_posterior(a) for a in arrays]

@@ -44,6 +44,8 @@ def build_learner(scn: Scenario, input_shape: tuple[int, ...], num_classes: int,
     def model_fn(**overrides: Any):  # noqa: ANN202
         return build_model(scn.model.kind, {**scn.model.options, **overrides}, input_shape, num_classes)
 
+    # For learners that build modules around the model (early exits' heads need feature sizes).
+    model_fn.input_shape, model_fn.num_classes = tuple(input_shape), num_classes  # type: ignore[attr-defined]
     return cls(model_fn, cls.Options.model_validate(scn.learner.options), scn.train, device)
 
 

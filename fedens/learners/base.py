@@ -66,7 +66,8 @@ class Learner(ABC):
     ----------
     model_fn : builds a fresh network mapping ``(batch, *input_shape)`` to logits
         ``(batch, classes)``; keyword arguments override the scenario's model options (e.g.
-        ``dropout=0.1``). Learners call it once per member, or once for a shared body.
+        ``dropout=0.1``). Learners call it once per member, or once for a shared body. Built by
+        ``build_learner``, it also carries ``input_shape`` and ``num_classes`` attributes.
     options : the learner's validated ``Options`` (the scenario's ``learner:`` keys).
     train : the scenario's ``train:`` section (optimiser, learning rate, epochs, batch size).
     device : where parameters and batches live; nothing in a learner assumes CPU.
@@ -109,6 +110,16 @@ class Learner(ABC):
         server will be built with (e.g. with the checkpoint's path filled in); they are written
         to the run's ``scenario.yaml``. Default: nothing to do."""
         return options
+
+    def assign_client(self, partition_id: int, seed: int, num_clients: int) -> None:
+        """Called by the ClientApp before every message a client handles, with the client it
+        simulates: for learners whose shape depends on the client (``early_exit``'s depth
+        budget). The server's learner is never assigned. Default: nothing."""
+
+    def extra_metrics(self, data: ArrayDataset, n_bins: int = 10, batch_size: int = 512) -> dict[str, float]:
+        """Metrics of this learner's own kind on ``data``, added to the evaluation rows (e.g.
+        ``early_exit``'s exit depth and compute). Default: none."""
+        return {}
 
     @abstractmethod
     def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:

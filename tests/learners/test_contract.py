@@ -32,6 +32,7 @@ SMALL: dict[str, dict] = {
     "subnetwork": {"learner": {"members": 2}},
     "ivon": {"learner": {"samples": 4}},
     "lora_ensemble": {"learner": {"members": 3}, "model": {"kind": "vit"}},
+    "early_exit": {"model": {"kind": "mlp", "hidden": [32, 32]}},
 }
 
 

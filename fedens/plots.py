@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")  # no screen on simulation hosts; set before pyplot is imported
@@ -154,6 +155,43 @@ def tradeoff_figure(variants: dict[str, dict[str, Any]], title: str = "") -> tup
         ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("kB per client and round (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def has_exits(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether the rows are an early-exit run's (they carry ``compute_fraction``)."""
+    return any(r.get("scope") == "global-test" and "compute_fraction" in r for r in rows)
+
+
+def exits_figure(runs: dict[str, Sequence[dict[str, Any]]], title: str = "") -> tuple[plt.Figure, Any]:
+    """Accuracy and ECE against the compute used (fraction of a pass through every exit), per
+    variant: each exit on its own (a dashed line over exits 1..L) and the deployed predictor,
+    where the gates send each input (a star). ``runs`` maps a name to the final ``global-test``
+    row of each seed; points are means over seeds, error bars their standard deviation."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), constrained_layout=True)
+    for i, (name, finals) in enumerate(runs.items()):
+        finals = [r for r in finals if "compute_fraction" in r]
+        if not finals:
+            continue
+        exits = sorted({int(k[4:-8]) for r in finals for k in r if k.startswith("exit") and k.endswith("_compute")})
+        color = f"C{i % 10}"
+        for ax, metric in zip(axes, ("accuracy", "ece")):
+            xs = [float(np.mean([r[f"exit{l}_compute"] for r in finals])) for l in exits]
+            ys = [float(np.mean([r[f"exit{l}_{metric}"] for r in finals])) for l in exits]
+            ax.plot(xs, ys, "--o", color=color, alpha=0.5, markersize=4)
+            for l, x, y in zip(exits, xs, ys):
+                ax.annotate(str(l), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points", color=color)
+            cx = [r["compute_fraction"] for r in finals]
+            cy = [r[metric] for r in finals]
+            ax.errorbar([np.mean(cx)], [np.mean(cy)], xerr=[np.std(cx)], yerr=[np.std(cy)], fmt="*", markersize=11,
+                        color=color, capsize=3, label=f"{name} (gated)")
+    for ax, label in zip(axes, ("test accuracy", "test ECE")):
+        ax.set_xlabel("compute used (fraction of every exit; dashed: exit l alone)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -261,6 +261,10 @@ class RunRecorder:
             if any(r["scope"] == "global-test" for r in self.rows):
                 what = "mean over the nodes' models" if gossip else "global model (test, shifted) and clients"
                 plots.save(plots.convergence_figure(self.rows, f"{self.scn.name}: {what}")[0], self.dir / "convergence.png")
+            if plots.has_exits(self.rows):
+                final = [r for r in self.rows if r["scope"] == "global-test"][-1:]
+                plots.save(plots.exits_figure({self.scn.name: final}, f"{self.scn.name}: final global model, test set")[0],
+                           self.dir / "exits.png")
             if gossip:
                 plots.save(plots.nodes_figure(self.rows, title=self.scn.name)[0], self.dir / "nodes.png")
                 plots.save(plots.layer_variance_figure(self.rows, title=self.scn.name)[0], self.dir / "layer_variance.png")

@@ -23,8 +23,10 @@ Training, per minibatch (both losses in one step; they touch disjoint parameters
   targets are unbalanced towards 0). This is the authors' "exit subsequent" gate objective.
 Inference is deterministic: an input leaves at the first l with g_l >= 0.5, else at L-1; the
 predictive is that exit's softmax, so every recorded metric is the deployed predictor's.
-``extra_metrics`` adds the mean exit depth, the compute fraction and each exit's own accuracy,
-ECE and share of inputs.
+``extra_metrics`` adds the mean exit depth, the compute fraction, each exit's own accuracy, ECE
+and share of inputs, and ``routing_gain``: the deployed accuracy minus that of routing inputs at
+random between two fixed exits at the same mean compute (what the gates add over input-blind
+exits, ``static_routing_accuracy``).
 
 Federated depth budgets. ``depth_budget`` gives each client the number of exits it holds
 (fixed, per client, or drawn per client from ``probs`` with the run's seed): a client with
@@ -341,8 +343,11 @@ class EarlyExitLearner(Learner):
         probs = torch.cat([p.cpu() for p, _ in parts], dim=1)  # (d, n, C)
         taken = torch.cat([t.cpu() for _, t in parts])
         labels = torch.from_numpy(data.y)
-        out = {"mean_exit": float(taken.double().mean() + 1),
-               "compute_fraction": float(self.net.costs.cpu()[taken].double().mean())}
+        costs = self.net.costs.cpu()[: probs.shape[0]].double()
+        out = {"mean_exit": float(taken.double().mean() + 1), "compute_fraction": float(costs[taken].mean())}
+        exit_acc = (probs.argmax(-1) == labels).double().mean(1)  # (d,)
+        out["routing_gain"] = float((probs[taken, torch.arange(len(taken))].argmax(-1) == labels).double().mean()
+                                    - static_routing_accuracy(costs, exit_acc, out["compute_fraction"]))
         for l in range(probs.shape[0]):
             m = classification_metrics(probs[l], labels, n_bins)
             out.update({f"exit{l + 1}_accuracy": m["accuracy"], f"exit{l + 1}_ece": m["ece"],
@@ -361,6 +366,15 @@ class EarlyExitLearner(Learner):
 
     def set_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         load_module_arrays(self.net, arrays)
+
+
+def static_routing_accuracy(costs: torch.Tensor, accuracy: torch.Tensor, compute: float) -> float:
+    """The accuracy of routing inputs at random between the two fixed exits around ``compute``
+    (the input-blind baseline at the same mean cost): the linear interpolation of the exits'
+    ``(cost, accuracy)`` points ``(d,)``, which a random mixture of two exits achieves exactly.
+    ``compute`` below the first exit's cost (it cannot be) is the first exit's accuracy."""
+    c, a = costs.double().tolist(), accuracy.double().tolist()
+    return float(np.interp(compute, c, a))
 
 
 def client_depth(budget: int | list[int] | DepthDistribution | None, exits: int, partition_id: int, seed: int) -> int:

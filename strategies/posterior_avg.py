@@ -31,7 +31,7 @@ from fedens.strategies.base import Arrays, FedensStrategy, join_posterior, split
 class PosteriorAveraging(FedensStrategy):
     """Precision-weighted average of the clients' Gaussian posteriors."""
 
-    supported_learners = ("ivon",)
+    supported_learners = ("ivon", "ivon_mixture")
     partial_replies = True  # element-wise; a mean and its precision always travel together
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:

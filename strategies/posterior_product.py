@@ -93,7 +93,7 @@ class PosteriorProductOptions(BaseOptions):
 class PosteriorProduct(FedensStrategy):
     """Product of the clients' Gaussian posteriors divided by the shared prior K-1 times."""
 
-    supported_learners = ("ivon",)
+    supported_learners = ("ivon", "ivon_mixture")
     Options = PosteriorProductOptions
 
     def __init__(self, **kwargs: Any) -> None:

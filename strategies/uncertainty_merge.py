@@ -61,7 +61,7 @@ class UncertaintyMergeOptions(BaseOptions):
 class UncertaintyMerge(FedensStrategy):
     """Merge client posteriors by uncertainty-based gradient matching around the global mean."""
 
-    supported_learners = ("ivon",)
+    supported_learners = ("ivon", "ivon_mixture")
     Options = UncertaintyMergeOptions
 
     def aggregate_arrays(self, server_round: int, arrays: list[Arrays], weights: np.ndarray) -> Arrays:

@@ -85,7 +85,7 @@ def test_set_arrays_rejects_missing_tensors(setup):
 
 
 def test_registered_learners():
-    assert sorted(LEARNERS.names()) == ["batch_ensemble", "deep_ensemble", "early_exit", "film_ensemble", "ivon", "lora_ensemble",
+    assert sorted(LEARNERS.names()) == ["batch_ensemble", "deep_ensemble", "early_exit", "film_ensemble", "ivon", "ivon_mixture", "lora_ensemble",
                                         "low_precision", "mc_dropout", "single", "snapshot", "subnetwork"]
 
 

@@ -80,6 +80,8 @@ class EarlyExitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     cost_weight: float = Field(0.1, ge=0, description="lambda: the loss an input may give up to save all compute")
     warmup_rounds: int = Field(1, ge=0, description="rounds in which every IM weighs every input equally")
+    im_loss: str = Field("gated", pattern="^(gated|uniform)$",
+                         description="IM loss weights: the exit distribution q (the paper), or 1/L (the authors' code in effect)")
     head: str = Field("flatten", pattern="^(flatten|pool)$", description="IM input: flattened features, or pooled over space")
     threshold: float = Field(0.5, gt=0, lt=1, description="exit where the gate's probability reaches this")
     depth_budget: int | list[int] | DepthDistribution | None = Field(
@@ -293,7 +295,8 @@ class EarlyExitLearner(Learner):
         net.train()
         trained = [p for mods in (net.blocks[:d], net.heads[:d], net.gates[: d - 1]) for m in mods for p in m.parameters()]
         opt = make_optimizer(trained, self.train_cfg)
-        lam, uniform = self.options.cost_weight, server_round <= self.options.warmup_rounds
+        lam = self.options.cost_weight
+        uniform = self.options.im_loss == "uniform" or server_round <= self.options.warmup_rounds
         costs = net.costs[:d]
         sums = {"train_loss": 0.0, "gate_loss": 0.0}
         count = 0

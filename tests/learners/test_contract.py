@@ -33,6 +33,7 @@ SMALL: dict[str, dict] = {
     "ivon": {"learner": {"samples": 4}},
     "lora_ensemble": {"learner": {"members": 3}, "model": {"kind": "vit"}},
     "early_exit": {"model": {"kind": "mlp", "hidden": [32, 32]}},
+    "ivon_mixture": {"learner": {"components": 2, "samples": 2}},
 }
 
 

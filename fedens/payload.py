@@ -6,7 +6,11 @@ The naming rule (one place, so strategies can find what they need):
   own strategies aggregate them as they would any PyTorch model.
 - Learners with more structure use dotted prefixes (introduced with those learners):
   ``member.{k}.<name>`` for member k of an ensemble, ``mean.<name>`` / ``precision.<name>`` for
-  a Gaussian posterior. A name without such a prefix is a shared part, except
+  a Gaussian posterior, ``mean.member.{k}.<name>`` / ``precision.member.{k}.<name>`` for
+  component k of a mixture of Gaussians (the role first, so posterior rules see the name
+  ``member.{k}.<name>`` and merge component k with component k); early-exit networks use
+  ``blocks.<l>.*``, ``heads.<l>.*``, ``gates.<l>.*``, and a client with a depth budget sends
+  only the ones it holds. A name without such a prefix is a shared part, except
   ``MEMBER_WEIGHTS``: an ensemble's predictive weights ``(members,)``, which the swarm strategy
   sets (its consensus beliefs) and an ensemble learner carries; absent = uniform.
 

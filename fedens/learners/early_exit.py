@@ -80,6 +80,8 @@ class EarlyExitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     cost_weight: float = Field(0.1, ge=0, description="lambda: the loss an input may give up to save all compute")
     warmup_rounds: int = Field(1, ge=0, description="rounds in which every IM weighs every input equally")
+    backbone: str = Field("joint", pattern="^(joint|deepest)$",
+                          description="what trains the blocks: every exit's loss, or only the deepest held exit's")
     im_loss: str = Field("gated", pattern="^(gated|uniform)$",
                          description="IM loss weights: the exit distribution q (the paper), or 1/L (the authors' code in effect)")
     head: str = Field("flatten", pattern="^(flatten|pool)$", description="IM input: flattened features, or pooled over space")
@@ -210,12 +212,13 @@ class EarlyExitNet(nn.Module):
     def num_exits(self) -> int:
         return len(self.blocks)
 
-    def exits(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
-        """Logits ``(batch, C)`` of exits 0..depth-1."""
+    def exits(self, x: torch.Tensor, depth: int, detach: bool = False) -> list[torch.Tensor]:
+        """Logits ``(batch, C)`` of exits 0..depth-1; with ``detach`` the IMs before the deepest
+        read detached features (their losses train them, not the blocks)."""
         out = []
-        for block, head in zip(self.blocks[:depth], self.heads[:depth]):
+        for l, (block, head) in enumerate(zip(self.blocks[:depth], self.heads[:depth])):
             x = block(x)
-            out.append(head(x))
+            out.append(head(x.detach() if detach and l < depth - 1 else x))
         return out
 
     def gate_logits(self, logits: list[torch.Tensor]) -> torch.Tensor:
@@ -297,15 +300,18 @@ class EarlyExitLearner(Learner):
         opt = make_optimizer(trained, self.train_cfg)
         lam = self.options.cost_weight
         uniform = self.options.im_loss == "uniform" or server_round <= self.options.warmup_rounds
+        deepest = self.options.backbone == "deepest"
         costs = net.costs[:d]
         sums = {"train_loss": 0.0, "gate_loss": 0.0}
         count = 0
         for _ in range(self.train_cfg.local_epochs):
             for x, y in minibatches(data, self.train_cfg.batch_size, generator, self.device):
-                logits = net.exits(x, d)
+                logits = net.exits(x, d, detach=deepest)
                 ce = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits], dim=1)  # (b, d)
                 g_logits = net.gate_logits(logits)  # (b, d-1)
                 q = torch.full_like(ce, 1.0 / d) if uniform else exit_distribution(torch.sigmoid(g_logits).detach())
+                if deepest:  # the blocks learn from the deepest exit alone, at full weight
+                    q = torch.cat([q[:, :-1], torch.ones_like(q[:, -1:])], dim=1)
                 im_loss = (q * ce).sum(1).mean()
                 loss = im_loss
                 if d > 1:

@@ -189,3 +189,21 @@ def test_bad_scenarios_are_refused_at_load(change, message):
 def test_full_depth_runs_under_any_strategy():
     assert load_scenario({**scenario(), "strategy": {"name": "fedavg"}}).learner.kind == "early_exit"
     assert load_scenario(scenario(depth_budget=3) | {"strategy": {"name": "fedavg"}})
+
+
+def test_deepest_backbone_trains_the_blocks_from_the_deepest_exit_only():
+    ee = learner(backbone="deepest")
+    x = torch.from_numpy(data().x)
+    logits = ee.net.exits(x, 3, detach=True)
+    w = ee.net.blocks[0][0].weight
+    assert torch.autograd.grad(logits[0].sum(), w, allow_unused=True)[0] is None  # IM 1 reads detached features
+    assert torch.autograd.grad(logits[-1].sum(), w)[0].abs().sum() > 0
+    # and the IMs still learn: after a step with gates that never fire, IM 1 has moved
+    with torch.no_grad():
+        for gate in ee.net.gates:
+            gate.bias.fill_(-1e4)
+    before = ee.net.heads[0][1].weight.detach().clone()
+    ee.fit(data(), torch.Generator().manual_seed(0), server_round=2)
+    assert torch.equal(before, ee.net.heads[0][1].weight)  # gated weight q_1 = 0: no gradient
+    ee.fit(data(), torch.Generator().manual_seed(0), server_round=1)  # warm-up: uniform weights
+    assert not torch.equal(before, ee.net.heads[0][1].weight)

@@ -22,9 +22,9 @@ def posterior(mean, precision, **rest) -> dict[str, np.ndarray]:
     return out
 
 
-def test_registered_and_ivon_only():
+def test_registered_and_for_gaussian_posteriors_only():
     for name, cls in (("posterior_avg", PosteriorAveraging), ("posterior_product", PosteriorProduct), ("uncertainty_merge", UncertaintyMerge)):
-        assert STRATEGIES.get(name) is cls and cls.supported_learners == ("ivon",)
+        assert STRATEGIES.get(name) is cls and cls.supported_learners == ("ivon", "ivon_mixture")
 
 
 # --------------------------------------------------------------------------- posterior_avg

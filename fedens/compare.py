@@ -61,11 +61,11 @@ FINAL = [
     *[(f"{s}_conformal_{m}", f"global-{g}", f"conformal_{m}") for s, g in (("test", "test"), ("shift", "shift"))
       for m in ("coverage", "size")],
     *[(f"student_{m}", "global-test-student", m) for m in ("accuracy", "nll", "ece")],
-    *[(f"test_{m}", "global-test", m) for m in ("compute_fraction", "mean_exit", "routing_gain")],  # early exits
+    *[(f"test_{m}", "global-test", m) for m in ("compute_fraction", "compute_vs_plain", "mean_exit", "routing_gain")],  # early exits
 ]
 # tabled when a comparison measured them (evaluate.conformal, distill)
 OPTIONAL = ("test_conformal_coverage", "test_conformal_size", "shift_conformal_coverage", "student_accuracy", "student_ece",
-            "test_compute_fraction", "test_routing_gain")
+            "test_compute_fraction", "test_compute_vs_plain", "test_routing_gain")
 RUN_FACTS = ("rounds_to_target", "bytes_per_client_round", "wall_time_s")
 TABLE = ("test_accuracy", "test_nll", "test_ece", "test_brier", "test_ood_auroc", "shift_ece")
 MARKER = "compare.json"  # in each run folder: the scenario it ran, to skip it on a rerun
@@ -502,7 +502,8 @@ def markdown_report(report: dict[str, Any]) -> str:
               "test_ood_auroc": "OOD AUROC", "shift_ece": "shift ECE", "test_conformal_coverage": "set coverage",
               "test_conformal_size": "set size", "shift_conformal_coverage": "shift set coverage",
               "student_accuracy": "student accuracy", "student_ece": "student ECE",
-              "test_compute_fraction": "compute", "test_routing_gain": "gain over static exits"}
+              "test_compute_fraction": "compute", "test_compute_vs_plain": "compute vs plain",
+              "test_routing_gain": "gain over static exits"}
     measured = [c for c in OPTIONAL if any((row.get(c) or {}).get("mean") is not None for row in report["variants"].values())]
     cols = list(TABLE) + measured + (["rounds_to_target"] if report.get("target") else []) + ["bytes_per_client_round", "wall_time_s"]
     names = {**labels, "rounds_to_target": "rounds to target", "bytes_per_client_round": "kB/client/round", "wall_time_s": "wall s"}

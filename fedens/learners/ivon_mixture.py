@@ -28,6 +28,11 @@ entropy. So, per component and step:
 Predictive: ``samples`` draws of each component, weighted by π_k / samples
 (``predictive_weights``), so the metrics are those of the mixture.
 
+The authors' code (NVA) steps each component on f = ℓ − τ log q and the weights' log-odds by
+ρ (F_k − F_K): the same gradient as IVON-at-ess/τ plus the coupling (log q = log q_k + log π_k −
+log r_k) and the same fixed point of the weights; NVA anneals τ to 0 to find modes, fedens to 1
+(the posterior) (docs/methods.md#ivon-mixture).
+
 Payload (``fedens.payload``): component k's posterior as ``mean.member.<k>.<n>`` /
 ``precision.member.<k>.<n>`` and its buffers as ``member.<k>.<b>``, the weights as
 ``member_weights``. A posterior strategy sees names ``member.<k>.<n>`` and, being element-wise,

@@ -77,22 +77,23 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             raise ValueError(f"partition id {pid} out of range 0..{len(clients) - 1}")
         return clients[pid]
 
-    def new_learner() -> Learner:
+    def new_learner(pid: int) -> Learner:
+        """This actor's learner (built once if reusable), assigned to client ``pid``."""
         if "learner" in reusable:
             learner = reusable["learner"]
             learner.objective = None
-            return learner
-        facts = load_server_data(scn.data, scn.seed)
-        learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
-        if is_reusable(type(learner)):
-            reusable["learner"] = learner
+        else:
+            facts = load_server_data(scn.data, scn.seed)
+            learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+            if is_reusable(type(learner)):
+                reusable["learner"] = learner
+        learner.assign_client(pid, scn.seed, scn.data.num_clients)
         return learner
 
     def setup(msg: Message, context: Context) -> tuple[int, ClientData, Learner, dict[str, np.ndarray]]:
         pid = prepare(context)
         data = client_data(pid)  # installed or built once per actor
-        learner = new_learner()
-        learner.assign_client(pid, scn.seed, scn.data.num_clients)
+        learner = new_learner(pid)
         arrays = from_record(single_arrayrecord(msg.content))
         learner.set_arrays(arrays)
         return pid, data, learner, arrays
@@ -165,7 +166,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         ``<key>.confidence`` (mean max-probability). An empty split scores nothing."""
         pid = prepare(context)
         data = client_data(pid).val
-        learner = new_learner()
+        learner = new_learner(pid)
         labels = torch.from_numpy(data.y).long()
         scores: dict[str, list[float]] = {}
         for key, record in msg.content.array_records.items() if len(data) else []:
@@ -208,7 +209,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         pid = prepare(context)
         f = faults_of(pid, message_round(msg))
         data = poisoned(client_data(pid), f)
-        learner = new_learner()
+        learner = new_learner(pid)
         inp = gossip_node.unpack_gossip(msg.content)
         own = gossip_node.own_model(context.state, inp.init)
         ctx = GossipContext(node=pid, scores=inp.scores, num_examples={**inp.sizes, pid: len(data.train)})

@@ -149,6 +149,13 @@ class FedensStrategy(FedAvg):
         """Default: the weighted average (FedAvg). ``weights`` ``(K,)`` sum to 1."""
         return weighted_average(arrays, weights)
 
+    def is_partial(self, arrays: list[Arrays]) -> bool:
+        """Whether some reply lacks names the others or the global model have (a client that
+        holds part of the model). Replies may hold more than the global model (a client-side
+        term's extra arrays); that is not partial."""
+        names = set(self.global_arrays or {})
+        return any(a.keys() != arrays[0].keys() for a in arrays) or any(not names <= a.keys() for a in arrays)
+
     def aggregate_partial(self, server_round: int, arrays: list[Arrays], sizes: np.ndarray) -> Arrays:
         """Replies that hold different sets of names (clients that train part of the model):
         every name is aggregated by ``aggregate_arrays`` over the clients that hold it, with
@@ -168,6 +175,8 @@ class FedensStrategy(FedAvg):
         new: Arrays = {}
         for holders, names in groups.items():
             w = sizes[list(holders)]
+            if w.sum() <= 0:  # only empty clients hold these: nothing to average, keep the global values
+                continue
             new.update(self.aggregate_arrays(server_round, [{k: arrays[i][k] for k in names} for i in holders], w / w.sum()))
         # the global order, with what no client sent left as it was
         return {k: new[k] if k in new else self.global_arrays[k] for k in dict.fromkeys(order) if k in new or k in (self.global_arrays or {})}
@@ -203,7 +212,7 @@ class FedensStrategy(FedAvg):
         contents = [m.content for m in kept]
         self.reply_partitions = [self._partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id) for m in kept]
         n = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents])
-        if any(a.keys() != arrays[0].keys() for a in arrays):
+        if self.is_partial(arrays):
             new = self.aggregate_partial(server_round, arrays, n)
         else:
             new = self.aggregate_arrays(server_round, arrays, n / n.sum())

@@ -30,9 +30,9 @@ Training, per minibatch (both losses in one step; they touch disjoint parameters
 Inference is deterministic: an input leaves at the first l with g_l >= 0.5, else at L-1; the
 predictive is that exit's softmax, so every recorded metric is the deployed predictor's.
 ``extra_metrics`` adds the mean exit depth, the compute fraction, each exit's own accuracy, ECE
-and share of inputs, and ``routing_gain``: the deployed accuracy minus that of routing inputs at
-random between two fixed exits at the same mean compute (what the gates add over input-blind
-exits, ``static_routing_accuracy``).
+and share of inputs, and ``routing_gain``: the deployed accuracy minus the best accuracy of
+routing inputs at random to fixed exits at the same mean compute (what the gates add over
+input-blind exits, ``static_routing_accuracy``).
 
 Federated depth budgets. ``depth_budget`` gives each client the number of exits it holds
 (fixed, per client, or drawn per client from ``probs`` with the run's seed): a client with
@@ -196,24 +196,27 @@ class EarlyExitNet(nn.Module):
         blocks, tail = split_blocks(model)
         if len(blocks) < 2:
             raise ValueError("early_exit: the model has a single block (one exit); it needs at least two")
+        model.eval()  # counting runs the blocks once: no dropout draws, no normalisation statistics
         h, feats, macs = sample, [], []
         for block in blocks:  # the blocks' outputs (for the IMs' sizes) and their cost per input
             m, h = count_macs(block, h)
             feats.append(h)
             macs.append(m)
         heads: list[nn.Module] = [inference_module(f, num_classes, head) for f in feats[:-1]] + [tail]
-        for l, (im, f) in enumerate(zip(heads, feats)):
-            macs[l] += count_macs(im, f)[0]
+        head_macs = [count_macs(im, f)[0] for im, f in zip(heads, feats)]
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
         self.gates = nn.ModuleList(nn.Linear(len(GATE_FEATURES), 1) for _ in range(len(blocks) - 1))
+        model.train()
         # c_l: the work of blocks and IMs 0..l (an input that leaves at l has computed them all),
         # as a fraction of an input that goes through every exit; the gates' 5 MACs are left out.
-        cum = np.cumsum(macs, dtype=np.float64)
+        cum = np.cumsum(np.add(macs, head_macs), dtype=np.float64)
         self.register_buffer("costs", torch.tensor(cum / cum[-1], dtype=torch.float32), persistent=False)
+        # A fixed exit l (no gates) computes blocks 0..l and IM l only: the input-blind baseline's cost.
+        static = np.cumsum(macs, dtype=np.float64) + np.asarray(head_macs, dtype=np.float64)
+        self.register_buffer("static_costs", torch.tensor(static / cum[-1], dtype=torch.float32), persistent=False)
         self.total_macs = float(cum[-1])  # a pass through every block and IM
-        self.plain_macs = int(sum(count_macs(b, f)[0] for b, f in zip(blocks, [sample] + feats[:-1]))
-                              + count_macs(tail, feats[-1])[0])  # the plain network's cost, for reports
+        self.plain_macs = int(static[-1])  # the plain network: every block and the model's head
 
     @property
     def num_exits(self) -> int:
@@ -363,8 +366,9 @@ class EarlyExitLearner(Learner):
         out = {"mean_exit": float(taken.double().mean() + 1), "compute_fraction": float(costs[taken].mean())}
         out["compute_vs_plain"] = out["compute_fraction"] * self.net.total_macs / self.net.plain_macs
         exit_acc = (probs.argmax(-1) == labels).double().mean(1)  # (d,)
+        static = self.net.static_costs.cpu()[: probs.shape[0]].double()
         out["routing_gain"] = float((probs[taken, torch.arange(len(taken))].argmax(-1) == labels).double().mean()
-                                    - static_routing_accuracy(costs, exit_acc, out["compute_fraction"]))
+                                    - static_routing_accuracy(static, exit_acc, out["compute_fraction"]))
         for l in range(probs.shape[0]):
             m = classification_metrics(probs[l], labels, n_bins)
             out.update({f"exit{l + 1}_accuracy": m["accuracy"], f"exit{l + 1}_ece": m["ece"],
@@ -386,12 +390,18 @@ class EarlyExitLearner(Learner):
 
 
 def static_routing_accuracy(costs: torch.Tensor, accuracy: torch.Tensor, compute: float) -> float:
-    """The accuracy of routing inputs at random between the two fixed exits around ``compute``
-    (the input-blind baseline at the same mean cost): the linear interpolation of the exits'
-    ``(cost, accuracy)`` points ``(d,)``, which a random mixture of two exits achieves exactly.
-    ``compute`` below the first exit's cost (it cannot be) is the first exit's accuracy."""
-    c, a = costs.double().tolist(), accuracy.double().tolist()
-    return float(np.interp(compute, c, a))
+    """The best accuracy that routing inputs at random to fixed exits reaches at mean cost
+    ``compute`` (the input-blind baseline): the upper concave hull of the exits' ``(cost,
+    accuracy)`` points ``(d,)`` at ``compute`` (a random mixture of two exits lies on the segment
+    between them; the hull is the best such segment). ``costs`` are a fixed exit's own
+    (``static_costs``: no earlier IMs). Outside the points' range: the nearest end's accuracy."""
+    pts = sorted(zip(costs.double().tolist(), accuracy.double().tolist()))
+    hull: list[tuple[float, float]] = []
+    for p in pts:  # Andrew's monotone chain, upper part
+        while len(hull) >= 2 and (hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1]) >= (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0]):
+            hull.pop()
+        hull.append(p)
+    return float(np.interp(compute, [c for c, _ in hull], [a for _, a in hull]))
 
 
 def client_depth(budget: int | list[int] | DepthDistribution | None, exits: int, partition_id: int, seed: int) -> int:

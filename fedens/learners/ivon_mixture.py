@@ -18,7 +18,8 @@ entropy. So, per component and step:
   (θ − m_j) (it pushes components apart where they overlap; it vanishes where r_k = 1, which in
   high dimension is almost everywhere once components have separated);
 - after training, the weights take a damped natural-gradient step on their log-odds towards the
-  minimiser of the objective in π, log π_k* = −ess_τ E_{q_k}[ℓ̄] + H(q_k) + E_{q_k}[log r_k] + const
+  minimiser of the objective in π, log π_k* = −ess_τ E_{q_k}[ℓ̄] + H(q_k) + E_{q_k}[log p] +
+  E_{q_k}[log r_k] + const
   (Monte Carlo over ``weight_samples`` draws on the client's data):
   log π ← (1 − ``weight_lr``) log π + ``weight_lr`` log π*, normalised.
 - Annealing: τ_r goes geometrically from ``temperature`` (round 1) to 1 at round
@@ -87,8 +88,8 @@ def log_gaussians(theta: torch.Tensor, means: torch.Tensor, precisions: torch.Te
 
 
 def responsibilities(theta: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """r_j(θ) = π_j q_j(θ) / q(θ), ``(K,)``."""
-    return torch.softmax(log_pi.double() + log_gaussians(theta, means, precisions), dim=0)
+    """r_j(θ) = π_j q_j(θ) / q(θ), ``(K,)`` (on θ's device)."""
+    return torch.softmax(log_pi.to(theta.device).double() + log_gaussians(theta, means, precisions), dim=0)
 
 
 def coupling_gradient(theta: torch.Tensor, k: int, means: torch.Tensor, precisions: torch.Tensor,
@@ -140,9 +141,12 @@ class IVONMixtureLearner(Learner):
         o = self.options
         tau = temperature_at(o, server_round)
         ess = (o.ess or float(len(data))) / tau
+        # The received precision was made at the previous round's temperature: converted to hess
+        # with that round's sample size, the new one tempers it at once (precision x tau_{r-1}/tau_r).
+        ess_before = (o.ess or float(len(data))) / temperature_at(o, max(server_round - 1, 1))
         for c in self.components:  # as ivon's fit, at the tempered sample size
             fresh = o.ess is None and server_round == 1  # the received precision is a placeholder
-            c.opt = c._optimizer(ess, None if fresh else c._hess_from_precision(c.precision, ess))
+            c.opt = c._optimizer(ess, None if fresh else c._hess_from_precision(c.precision, ess_before))
             c._imported = None
             c.model.train()
         couple = o.coupling and len(self.components) > 1
@@ -189,7 +193,9 @@ class IVONMixtureLearner(Learner):
                     losses.append(float(F.cross_entropy(c.model(x), y)))
                     theta = torch.cat([p.detach().flatten() for p in c.model.parameters()])
                     log_r.append(float(torch.log(responsibilities(theta, means, precisions, self.log_pi)[k].clamp_min(1e-300))))
-            target[k] = -ess * float(np.mean(losses)) + gaussian_entropy(precisions[k]) + float(np.mean(log_r))
+            # E_{q_k}[log p] for IVON's prior N(0, 1/(ess_tau wd)), up to a constant shared by all k
+            log_prior = -0.5 * ess * self.options.weight_decay * float((means[k].double().square() + 1 / precisions[k].double()).sum())
+            target[k] = -ess * float(np.mean(losses)) + gaussian_entropy(precisions[k]) + log_prior + float(np.mean(log_r))
         lr = self.options.weight_lr
         self.log_pi = torch.log_softmax((1 - lr) * self.log_pi + lr * torch.log_softmax(target, 0), 0)
 

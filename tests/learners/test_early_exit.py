@@ -209,3 +209,21 @@ def test_deepest_backbone_trains_the_blocks_from_the_deepest_exit_only():
     assert torch.equal(before, ee.net.heads[0][1].weight)  # gated weight q_1 = 0: no gradient
     ee.fit(data(), torch.Generator().manual_seed(0), server_round=1)  # warm-up: uniform weights
     assert not torch.equal(before, ee.net.heads[0][1].weight)
+
+
+def test_static_routing_is_the_upper_concave_hull_of_the_fixed_exits():
+    from fedens.learners.early_exit import static_routing_accuracy
+
+    costs = torch.tensor([0.2, 0.5, 1.0])
+    # exit 2 below the chord from exit 1 to exit 3: the best mix skips it
+    acc = torch.tensor([0.5, 0.55, 0.9])
+    assert static_routing_accuracy(costs, acc, 0.6) == pytest.approx(0.5 + 0.4 * (0.6 - 0.2) / 0.8)
+    acc = torch.tensor([0.5, 0.8, 0.9])  # concave: the neighbours' chord
+    assert static_routing_accuracy(costs, acc, 0.6) == pytest.approx(0.8 + 0.1 * 0.1 / 0.5)
+    assert static_routing_accuracy(costs, acc, 1.2) == pytest.approx(0.9)
+
+
+def test_a_fixed_exit_costs_its_blocks_and_its_own_im():
+    ee = learner()  # cnn1d: blocks 2500, 31250, 15625; IMs 5000, 2500; head 1250; every exit 58125
+    np.testing.assert_allclose(ee.net.static_costs.numpy(),
+                               np.array([2500 + 5000, 33750 + 2500, 49375 + 1250]) / 58125, rtol=1e-6)

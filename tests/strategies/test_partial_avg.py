@@ -52,3 +52,17 @@ def test_a_whole_model_strategy_refuses_partial_replies():
     replies = [{"a": np.ones(2, np.float32)}, {"b": np.ones(1, np.float32)}]
     with pytest.raises(ValueError, match="partial models"):
         aggregate(VarianceCorrectedAveraging(), replies, [1, 1])
+
+
+def test_replies_that_all_hold_the_same_part_are_partial():
+    # an integer depth budget: every client sends a and b only; c must keep its global value
+    s = PartialAveraging()
+    s.global_arrays = dict(GLOBAL)
+    replies = [{"a": np.ones(2, np.float32), "b": np.ones(1, np.float32)}] * 2
+    assert s.is_partial(replies)
+    assert not s.is_partial([dict(GLOBAL), dict(GLOBAL)])
+    assert not s.is_partial([{**GLOBAL, "extra": np.ones(1)}] * 2)  # a client-side term's extra arrays
+    out = s.aggregate_partial(1, replies, np.array([1.0, 1.0]))
+    np.testing.assert_allclose(out["c"], GLOBAL["c"])
+    zero = s.aggregate_partial(1, [{"a": np.ones(2, np.float32)}, dict(GLOBAL)], np.array([0.0, 2.0]))
+    np.testing.assert_allclose(zero["a"], GLOBAL["a"])  # only the other (full) client's a counts

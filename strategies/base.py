@@ -90,6 +90,7 @@ class FedensStrategy(FedAvg):
         self.options, fedavg_kwargs = split_options(self.Options, kwargs)
         super().__init__(**fedavg_kwargs)
         self.global_arrays: Arrays | None = None  # the arrays this round's training started from
+        self.model_names: set[str] = set()  # the global model's names this round (configure_train)
         self.ctx: ServerContext | None = None
         # Partition ids of the replies aggregate_arrays gets, in its order (from the FedensGrid;
         # node ids under a plain Flower grid), for strategies that keep per-client state.
@@ -150,11 +151,14 @@ class FedensStrategy(FedAvg):
         return weighted_average(arrays, weights)
 
     def is_partial(self, arrays: list[Arrays]) -> bool:
-        """Whether some reply lacks names the others or the global model have (a client that
-        holds part of the model). Replies may hold more than the global model (a client-side
-        term's extra arrays); that is not partial."""
-        names = set(self.global_arrays or {})
-        return any(a.keys() != arrays[0].keys() for a in arrays) or any(not names <= a.keys() for a in arrays)
+        """Whether the replies hold different names, or (for a strategy that declares
+        ``partial_replies``) some reply lacks a name of the global model: clients that hold part
+        of the model. Replies may hold more than the model (a client-side term's extra arrays),
+        and the clients may be sent more than the model (``outgoing``); neither is partial."""
+        if any(a.keys() != arrays[0].keys() for a in arrays):
+            return True
+        names = self.model_names if vars(type(self)).get("partial_replies", False) else set()
+        return any(not names <= a.keys() for a in arrays)
 
     def aggregate_partial(self, server_round: int, arrays: list[Arrays], sizes: np.ndarray) -> Arrays:
         """Replies that hold different sets of names (clients that train part of the model):
@@ -184,6 +188,7 @@ class FedensStrategy(FedAvg):
     # ------------------------------------------------------------------ Flower plumbing
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         current = from_record(arrays)
+        self.model_names = set(current)  # the global model's names, whatever outgoing adds
         self.global_arrays = self.outgoing(server_round, current)
         if self.global_arrays is not current:
             arrays = to_record(self.global_arrays)

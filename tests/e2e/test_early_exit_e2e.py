@@ -55,3 +55,14 @@ def test_gossip_mode_runs_the_gated_network(session, tmp_path: Path):
     run = session.run(scn, out=tmp_path / "gossip")
     rows = run.scope("global-test")
     assert [r["round"] for r in rows][-1] == 4 and rows[-1]["accuracy"] > 0.3
+
+
+def test_one_budget_for_every_client_keeps_the_exits_nobody_holds(session, tmp_path: Path):
+    # Every client holds exit 1 only: the replies are alike but partial; exit 2 and its gate stay
+    # as initialised, and round 2 starts from a whole global model.
+    scn = {**SCN, "learner": {**SCN["learner"], "depth_budget": 1}, "strategy": {"name": "partial_avg"}}
+    run = session.run(scn, out=tmp_path / "one")
+    rows = run.scope("global-test")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["exit1_accuracy"] > rows[0]["exit1_accuracy"] + 0.3
+    assert rows[-1]["exit2_accuracy"] == pytest.approx(rows[0]["exit2_accuracy"], abs=0.1)

@@ -57,11 +57,14 @@ def test_a_whole_model_strategy_refuses_partial_replies():
 def test_replies_that_all_hold_the_same_part_are_partial():
     # an integer depth budget: every client sends a and b only; c must keep its global value
     s = PartialAveraging()
-    s.global_arrays = dict(GLOBAL)
+    s.global_arrays, s.model_names = dict(GLOBAL), set(GLOBAL)
     replies = [{"a": np.ones(2, np.float32), "b": np.ones(1, np.float32)}] * 2
     assert s.is_partial(replies)
     assert not s.is_partial([dict(GLOBAL), dict(GLOBAL)])
     assert not s.is_partial([{**GLOBAL, "extra": np.ones(1)}] * 2)  # a client-side term's extra arrays
+    whole = VarianceCorrectedAveraging()  # a whole-model strategy: only differing replies are partial
+    whole.global_arrays, whole.model_names = dict(GLOBAL), set(GLOBAL)
+    assert not whole.is_partial(replies) and whole.is_partial([replies[0], dict(GLOBAL)])
     out = s.aggregate_partial(1, replies, np.array([1.0, 1.0]))
     np.testing.assert_allclose(out["c"], GLOBAL["c"])
     zero = s.aggregate_partial(1, [{"a": np.ones(2, np.float32)}, dict(GLOBAL)], np.array([0.0, 2.0]))

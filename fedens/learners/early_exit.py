@@ -54,7 +54,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 from fedens.data import ArrayDataset
@@ -94,6 +94,19 @@ class EarlyExitOptions(BaseModel):
     threshold: float = Field(0.5, gt=0, lt=1, description="exit where the gate's probability reaches this")
     depth_budget: int | list[int] | DepthDistribution | None = Field(
         None, description="exits each client holds: one number, one per client, or {probs: [...]} over 1..L; None = all")
+
+    @field_validator("depth_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        """A mapping is a distribution: its own error, not the union's first branch's."""
+        if isinstance(value, dict):
+            try:
+                return DepthDistribution.model_validate(value)
+            except ValidationError as err:
+                e = err.errors()[0]
+                where = ".".join(str(p) for p in e["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{e['msg'].removeprefix('Value error, ')}") from None
+        return value
 
 
 def split_blocks(model: nn.Module) -> tuple[list[nn.Sequential], nn.Sequential]:

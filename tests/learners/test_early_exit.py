@@ -182,6 +182,7 @@ def scenario(**learner_options):
     ({"learner": {"kind": "early_exit", "depth_budget": [1, 2]}}, "one budget per client (3)"),
     ({"learner": {"kind": "early_exit", "depth_budget": {"probs": [0.5, 0.5]}}}, "one probability per depth 1..3"),
     ({"model": {"kind": "mlp"}}, "at least two blocks"),
+    ({"learner": {"kind": "early_exit", "depth_budget": {"probs": [0.5, 0.6, 0.1]}}}, "depth_budget: probs must be non-negative and sum to 1"),
 ])
 def test_bad_scenarios_are_refused_at_load(change, message):
     with pytest.raises(ScenarioError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):

@@ -69,12 +69,14 @@ def preflight(scn: Scenario) -> None:
 
     import torch
 
+    from fedens.cluster import cluster_address
     from fedens.data import build_federated_data
 
     cpus = scn.engine.ray_num_cpus or os.cpu_count() or 1
-    if scn.resources.num_cpus > cpus:
+    local = cluster_address(scn) is None  # a cluster's nodes are checked by the engine, once connected
+    if local and scn.resources.num_cpus > cpus:
         raise ScenarioError(f"{scn.source}: resources.num_cpus: {scn.resources.num_cpus} per client, but Ray has {cpus} CPUs")
-    if scn.resources.num_gpus > 0 and torch.cuda.device_count() == 0:
+    if local and scn.resources.num_gpus > 0 and torch.cuda.device_count() == 0:
         raise ScenarioError(f"{scn.source}: resources.num_gpus: {scn.resources.num_gpus} GPU per client, but no GPU is visible")
     if scn.output.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ScenarioError(f"{scn.source}: output.tensorboard: needs the tensorboard package: pip install 'fedens[tensorboard]'")
@@ -177,12 +179,17 @@ def resume(
 
 def _run(scn: Scenario, engine: Engine | None, verbose: bool, on_round: Any, out: str | Path | None = None,
          overwrite: bool = False, resume_dir: Path | None = None) -> RunResult:
+    from fedens.cluster import cluster_address, portable
+
     own_engine = engine is None
     if engine is None:
         engine = engine_for(scn, verbose)  # started once the scenario has passed every check
     elif engine.ray_num_cpus != scn.engine.ray_num_cpus:
         raise ScenarioError(f"{scn.source}: engine.ray_num_cpus: {scn.engine.ray_num_cpus}, but the session's "
                             f"engine was started with {engine.ray_num_cpus}")
+    elif engine.address != cluster_address(scn):
+        raise ScenarioError(f"{scn.source}: engine.address: {cluster_address(scn)}, but the session's engine "
+                            f"runs on {engine.address or 'a local Ray'}")
     try:
         from fedens import checkpoint
         from fedens.client_app import make_client_app  # torch and Flower: imported while Ray starts
@@ -209,8 +216,13 @@ def _run(scn: Scenario, engine: Engine | None, verbose: bool, on_round: Any, out
         try:
             data = engine.share(("data", _cfg_json(scn.data), scn.seed), lambda: build_federated_data(scn.data, scn.seed))
             resources = {"num_cpus": scn.resources.num_cpus, "num_gpus": scn.resources.num_gpus}
-            engine.run(make_server_app(scn, recorder, on_round, state), make_client_app(scn, data), scn.data.num_clients,
-                       resources, node_states=state.node_states if state is not None else None)
+            # On a cluster the ClientApp takes a copy of the scenario whose files travel with it.
+            client_scn, shipment = portable(scn) if engine.address is not None else (scn, None)
+            recorder.engine = {"address": engine.address}
+            engine.run(make_server_app(scn, recorder, on_round, state), make_client_app(client_scn, data),
+                       scn.data.num_clients, resources, node_states=state.node_states if state is not None else None,
+                       shipment=shipment)
+            recorder.engine = engine.describe()
         except (KeyboardInterrupt, Interrupted) as err:
             recorder.finish("interrupted", str(err) or "interrupted (SIGINT)")
             raise
@@ -232,10 +244,11 @@ def _run(scn: Scenario, engine: Engine | None, verbose: bool, on_round: Any, out
 
 def engine_for(scn: Scenario, verbose: bool = False) -> Engine:
     """An engine (not started) with the scenario's engine settings and per-client resources."""
+    from fedens.cluster import cluster_address
     from fedens.simulate import Engine
 
     return Engine(ray_num_cpus=scn.engine.ray_num_cpus, verbose=verbose, telemetry=scn.engine.telemetry,
-                  resources={"num_cpus": scn.resources.num_cpus, "num_gpus": scn.resources.num_gpus})
+                  address=cluster_address(scn), resources={"num_cpus": scn.resources.num_cpus, "num_gpus": scn.resources.num_gpus})
 
 
 class Session:
@@ -252,11 +265,11 @@ class Session:
     """
 
     def __init__(self, ray_num_cpus: int | None = None, verbose: bool = False, telemetry: bool = False,
-                 resources: Mapping[str, float] | None = None) -> None:
+                 resources: Mapping[str, float] | None = None, address: str | None = None) -> None:
         from fedens.simulate import Engine
 
         self.verbose = verbose
-        self.engine = Engine(ray_num_cpus=ray_num_cpus, verbose=verbose, telemetry=telemetry,
+        self.engine = Engine(ray_num_cpus=ray_num_cpus, verbose=verbose, telemetry=telemetry, address=address,
                              resources=dict(resources) if resources else None)
 
     def run(self, source: str | Path | Mapping[str, Any] | Scenario, overrides: Iterable[str] | Mapping[str, Any] = (),
@@ -279,9 +292,10 @@ class Session:
         self.close()
 
 
-def session(ray_num_cpus: int | None = None, verbose: bool = False, telemetry: bool = False) -> Session:
-    """A ``Session`` (use it with ``with``)."""
-    return Session(ray_num_cpus=ray_num_cpus, verbose=verbose, telemetry=telemetry)
+def session(ray_num_cpus: int | None = None, verbose: bool = False, telemetry: bool = False,
+            address: str | None = None) -> Session:
+    """A ``Session`` (use it with ``with``); ``address``: a running Ray cluster to run on."""
+    return Session(ray_num_cpus=ray_num_cpus, verbose=verbose, telemetry=telemetry, address=address)
 
 
 def _root(err: BaseException) -> BaseException:

@@ -190,7 +190,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ScenarioError("run: give a scenario file, or --resume RUN_DIR")
     source = Path(args.resume) / "scenario.yaml" if args.resume else args.scenario
     scn = parse_scenario(source, args.overrides)  # the schema; run() makes the other checks, then starts Ray
-    progress = None if args.no_progress else _Progress(scn.rounds)
+    from fedens.cluster import cluster_address
+
+    progress = None if args.no_progress else _Progress(scn.rounds, "connecting to the Ray cluster ..." if cluster_address(scn)
+                                                       else "starting Ray ...")
     on_round = progress.update if progress else None
     try:
         with stop_on_signals(), progress or contextlib.nullcontext():
@@ -222,12 +225,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 class _Progress:
     """A rich progress bar over rounds showing the latest global accuracy and ECE."""
 
-    def __init__(self, rounds: int) -> None:
+    def __init__(self, rounds: int, first: str = "starting Ray ...") -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
                             TimeElapsedColumn(), transient=False)
-        self.task = self.bar.add_task("starting Ray ...", total=rounds)
+        self.task = self.bar.add_task(first, total=rounds)
 
     def __enter__(self) -> _Progress:
         self.bar.start()

@@ -59,8 +59,12 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
     data_source : gives the driver's data build (e.g. from Ray's object store); called once
         per actor process, and not at all where the build is already installed."""
     app = ClientApp()
-    device = select_device(scn.resources.num_gpus)
     reusable: dict[str, Any] = {}  # this actor's learner and rule for the run (see module docstring)
+
+    def device() -> torch.device:  # the actor's, not the driver's (on a cluster only the nodes may have GPUs)
+        if "device" not in reusable:
+            reusable["device"] = select_device(scn.resources.num_gpus)
+        return reusable["device"]
 
     def prepare(context: Context) -> int:
         # One actor per CPU share: keep torch from oversubscribing the cores.
@@ -84,7 +88,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
             learner.objective = None
         else:
             facts = load_server_data(scn.data, scn.seed)
-            learner = build_learner(scn, facts.input_shape, facts.num_classes, device)
+            learner = build_learner(scn, facts.input_shape, facts.num_classes, device())
             if is_reusable(type(learner)):
                 reusable["learner"] = learner
         learner.assign_client(pid, scn.seed, scn.data.num_clients)
@@ -120,7 +124,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         config = records_of(msg.content, ConfigRecord).get("config", {})
         state = records_of(context.state, ArrayRecord).get(OBJECTIVE_STATE)
         learner.objective = objective_from_config(
-            config, from_record(state) if state is not None else {}, global_arrays, device, len(data), server_round
+            config, from_record(state) if state is not None else {}, global_arrays, device(), len(data), server_round
         )
         t0 = time.perf_counter()
         metrics = learner.fit(data, generator, server_round)

@@ -270,9 +270,9 @@ def load_comparison(path: str | Path, extra: list[str] = ()) -> tuple[Comparison
         except ScenarioError as err:
             raise ScenarioError(f"{path}: variants.{variant.name}: {err}") from None
         first = first or scn
-        if (scn.engine.ray_num_cpus, scn.engine.telemetry) != (first.engine.ray_num_cpus, first.engine.telemetry):
+        if scn.engine != first.engine:
             raise ScenarioError(f"{path}: variants.{variant.name}: engine: all variants run in one engine, "
-                                "so engine.ray_num_cpus and engine.telemetry must be the same for all")
+                                "so engine.ray_num_cpus, engine.address and engine.telemetry must be the same for all")
         for seed in cmp.seed_list(scn.seed):
             runs.append(PlannedRun(variant, seed, scn if seed == scn.seed else scn.model_copy(update={"seed": seed})))
     return cmp, runs
@@ -295,6 +295,7 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
     the comparison's statistics (what ``comparison.json`` holds). ``session``: a
     ``fedens.Session`` to run in (default: one of its own, closed at the end)."""
     from fedens.api import RunDiverged, RunFailed, Session
+    from fedens.cluster import cluster_address
     from fedens.results import read_metrics
 
     cmp, runs = load_comparison(path, list(extra))
@@ -317,7 +318,7 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
                 shutil.rmtree(folder)  # a failed, interrupted or changed run starts again, clean
             if session is None:  # one warm engine for every run that has to run
                 session = Session(ray_num_cpus=first.engine.ray_num_cpus, verbose=verbose, telemetry=first.engine.telemetry,
-                                  resources={"num_cpus": first.resources.num_cpus, "num_gpus": first.resources.num_gpus})
+                                  address=cluster_address(first), resources={"num_cpus": first.resources.num_cpus, "num_gpus": first.resources.num_gpus})
                 session.engine.start()
             show.start(i, planned)
             try:

@@ -87,6 +87,7 @@ class _LinkState(InMemoryLinkState):
         self.queued: deque[Message] = deque()
         self.arrived: set[str] = set()
         self.closed = False
+        self.fatal: BaseException | None = None  # the engine cannot go on (the Ray cluster went away)
         self.seconds: dict[tuple[int, str], float] = {}  # (node, message type) -> recent duration
         self.busy: set[int] = set()  # nodes with a message at an actor
         self.plan: dict[int, int] = {}  # id(message) -> the actor slot it is assigned to
@@ -179,6 +180,13 @@ class _LinkState(InMemoryLinkState):
             self.plan.clear()
             self.work.notify_all()
 
+    def fail(self, err: BaseException) -> None:
+        """End the run: the grid raises ``err`` to the ServerApp instead of waiting for replies."""
+        self.fatal = err
+        self.close()
+        with self.replied:
+            self.replied.notify_all()
+
 
 class EngineGrid(InMemoryGrid):
     """The ServerApp's grid: Flower's ``InMemoryGrid`` that waits for replies on a condition
@@ -216,6 +224,8 @@ class EngineGrid(InMemoryGrid):
         link = self.link
         with link.replied:
             while pending:
+                if link.fatal is not None:
+                    raise link.fatal
                 # pull only what has arrived: pulling every pending id on every wake-up would
                 # cost O(messages^2) per round
                 if ready := pending & link.arrived:
@@ -351,6 +361,9 @@ class SimulatedRun:
             results = ray.get(future)
         except ray.exceptions.RayActorError as err:  # the actor died: replace it (unless the run is over)
             results = [(None, None, (f"actor died: {type(err).__name__}", str(err)), 0.0)] * len(batch)
+            if (lost := self.pool.lost()) is not None:  # a replacement could never start: the run ends
+                self.state.fail(lost)
+                return
             if not self.state.closed:
                 self.pool.actors[slot] = self.pool.new_actor()
         except Exception as err:  # e.g. a message that cannot be serialised

@@ -180,6 +180,7 @@ class RunRecorder:
         for name in ("flwr", "fedens"):
             logging.getLogger(name).addHandler(self._log_handler)
         self._board = TensorBoard(self.dir / "tensorboard") if scn.output.tensorboard else None
+        self.engine: dict[str, Any] | None = None  # set by the run: fedens.simulate.Engine.describe()
         self.write_summary("running")
 
     def record_reliability(self, bins: Mapping[str, Any], label: str) -> None:
@@ -243,6 +244,7 @@ class RunRecorder:
             **{key: sum(r.get(key) or 0 for r in train) for key in TOTALS},
             "nonfinite_rows": sum(1 for r in self.rows if r.get("nonfinite")),
             "versions": _versions(),
+            "engine": self.engine,  # the Ray cluster's address (None: local) and where the actors ran
         }
 
     def write_summary(self, status: str, error: str | None = None, failure: str | None = None) -> dict[str, Any]:

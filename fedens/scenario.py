@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedens.decentralized.topology import RingTopology, TopologyConfig
 from fedens.options import first_error as _first_error
@@ -178,7 +178,19 @@ class ResourcesConfig(_Strict):
 class EngineConfig(_Strict):
     backend: Literal["ray"] = "ray"
     telemetry: bool = Field(False, description="Flower telemetry; off unless turned on here")
-    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all); not with address")
+    address: str | None = Field(
+        None, min_length=1,
+        description="a running Ray cluster to run on (its head's host:port, as `ray start --head` prints, or "
+        "'auto'); fedens connects, ships its code, the plug-in files and prepared files, and leaves the cluster "
+        "running. None: the RAY_ADDRESS environment variable if set, else a local Ray started for the run",
+    )
+
+    @model_validator(mode="after")
+    def _one_ray(self) -> EngineConfig:
+        if self.address is not None and self.ray_num_cpus is not None:
+            raise ValueError("engine.ray_num_cpus sizes a local Ray; a cluster (engine.address) has its own CPUs")
+        return self
 
 
 class OutputConfig(_Strict):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -52,7 +53,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from pathlib import Path
+
 if TYPE_CHECKING:  # Flower's modules take ~0.7 s to import: Ray starts without waiting for them
+    from fedens.cluster import Shipment
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -104,11 +108,15 @@ class Engine:
     ray_num_cpus : CPUs Ray may use (None: all of the machine's).
     resources : the per-client resources (``num_cpus``, ``num_gpus``) of the first pool,
         created as soon as Ray is up, so the actors start while the driver prepares.
+    address : a running Ray cluster (``host:port`` of its head, or ``auto``) to connect to
+        instead of starting Ray; ``close`` disconnects and leaves it running. fedens' code
+        travels in the job's runtime environment, a run's files in its actors' (``fedens.cluster``).
     """
 
     def __init__(self, *, ray_num_cpus: int | None = None, resources: Resources | None = None,
-                 verbose: bool = False, telemetry: bool = False) -> None:
+                 verbose: bool = False, telemetry: bool = False, address: str | None = None) -> None:
         self.ray_num_cpus = ray_num_cpus
+        self.address = address
         self.verbose = verbose
         self.telemetry = telemetry
         self._first_resources = dict(resources or {"num_cpus": 1.0, "num_gpus": 0.0})
@@ -118,7 +126,8 @@ class Engine:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._owns_ray = False  # this engine started Ray (else it uses the process's session)
+        self._owns_ray = False  # this engine started Ray (else it uses the process's session or a cluster)
+        self._uploaded: dict[Path, str] = {}  # staged working directory -> its URI on the cluster
         self.runs = 0  # runs done in this session
         self.started_at: float | None = None
         self.ready_at: float | None = None
@@ -139,9 +148,13 @@ class Engine:
         import ray
 
         started = False  # Ray started by this engine (and so stopped by it)
+        connected = False  # connected by this engine to a cluster (and so disconnected by it)
         try:
             if ray.is_initialized():  # the caller's own Ray session: use it, leave it running
                 log.info("using the Ray session this process already has")
+            elif self.address is not None:
+                _connect(self.address, self.verbose, self.telemetry)
+                connected = True
             else:
                 # Workers inherit the driver's environment (raylet is its child): the driver's
                 # sys.path lets actors import what the driver can (plug-ins as module:Class).
@@ -149,7 +162,7 @@ class Engine:
                 os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
                 _start_local_ray(self.ray_num_cpus, self.verbose)
                 started = True
-            self._pool = _ActorPool(self._first_resources, shared_ray=not started)
+            self._pool = _ActorPool(self._first_resources, shared_ray=not started, address=self.address)
             self._owns_ray = started
             self.ready_at = time.perf_counter()
         except BaseException as err:  # reported to the thread that waits for the engine
@@ -160,8 +173,8 @@ class Engine:
         try:
             if self._pool is not None:
                 self._pool.terminate()
-            if started:
-                ray.shutdown()
+            if started or connected:
+                ray.shutdown()  # a cluster keeps running: this only disconnects the driver
         finally:
             if started:
                 _stop_lean_node()
@@ -172,6 +185,8 @@ class Engine:
             self.start()
         if not self._ready.wait(timeout):
             raise EngineError(f"Ray did not start within {timeout:.0f} s")
+        if isinstance(self._error, EngineError):
+            raise self._error
         if self._error is not None:
             raise EngineError(f"Ray failed to start: {type(self._error).__name__}: {self._error}") from self._error
 
@@ -210,19 +225,22 @@ class Engine:
 
     # ------------------------------------------------------------------ one run
     def run(self, server_app: ServerApp, client_app: ClientApp, num_nodes: int,
-            resources: Resources | None = None, node_states: dict[int, Any] | None = None) -> Context:
+            resources: Resources | None = None, node_states: dict[int, Any] | None = None,
+            shipment: Shipment | None = None) -> Context:
         """Run ``server_app`` in this thread against ``num_nodes`` simulated nodes that execute
         ``client_app`` on the actor pool; returns the ServerApp's context. Node i simulates
         partition i (``context.node_config["partition-id"]``); ``node_states`` (partition id ->
-        ``context.state``) starts nodes with the state they had when a run was checkpointed."""
+        ``context.state``) starts nodes with the state they had when a run was checkpointed;
+        ``shipment`` (``fedens.cluster.portable``) is the actors' working directory."""
         import ray
 
         self.wait()
         assert self._pool is not None
         wanted = dict(resources or self._first_resources)
-        if self._pool.resources != wanted:  # another per-client share: another pool
+        env = self._runtime_env(shipment)
+        if self._pool.resources != wanted or self._pool.runtime_env != env:  # another share or other files
             self._pool.terminate()
-            self._pool = _ActorPool(wanted, shared_ray=not self._owns_ray)
+            self._pool = _ActorPool(wanted, shared_ray=not self._owns_ray, runtime_env=env, address=self.address)
         from fedens.linkstate import SimulatedRun
 
         app = _Shared(ray.put(client_app))
@@ -230,6 +248,33 @@ class Engine:
             return SimulatedRun(num_nodes, self._pool, app, node_states).execute(server_app)
         finally:
             self.runs += 1
+
+
+    def _runtime_env(self, shipment: Shipment | None) -> dict[str, Any] | None:
+        """The actors' runtime environment for a run: its shipped files as their working
+        directory (uploaded once per content), or none."""
+        if not shipment:
+            return None
+        from fedens.cluster import staging_root, upload_working_dir
+
+        folder = shipment.stage(staging_root())
+        if folder not in self._uploaded:
+            self._uploaded[folder] = upload_working_dir(folder)
+        return {"working_dir": self._uploaded[folder]}
+
+    def describe(self) -> dict[str, Any]:
+        """Where the runs went, for ``summary.json``: the cluster's address (None: a local Ray),
+        its live nodes and the nodes the current pool's actors run on."""
+        import ray
+
+        if self._pool is None or not ray.is_initialized():
+            return {"address": self.address}
+        try:
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            actor_nodes = sorted(set(ray.get([a.node_id.remote() for a in self._pool.actors], timeout=30)))
+        except Exception as err:  # the cluster went away: say so, do not fail the summary
+            return {"address": self.address, "error": f"{type(err).__name__}: {err}"}
+        return {"address": self.address, "nodes": nodes, "actors": len(self._pool.actors), "actor_nodes": len(actor_nodes)}
 
 
 class _Shared:
@@ -243,6 +288,24 @@ class _Shared:
         import ray
 
         return ray.get(self.box[0])
+
+
+def _connect(address: str, verbose: bool, telemetry: bool) -> None:
+    """Connect to the Ray cluster at ``address`` with fedens' code in the job's runtime
+    environment (so the nodes import the driver's fedens) and the driver's telemetry setting in
+    its workers' environment (they are not the driver's children and do not inherit it)."""
+    import ray
+
+    from fedens.cluster import stage_fedens, staging_root
+
+    env = {"py_modules": [str(stage_fedens(staging_root()))],
+           "env_vars": {"FLWR_TELEMETRY_ENABLED": "1" if telemetry else "0", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}}
+    try:
+        ray.init(address=address, runtime_env=env, logging_level=logging.INFO if verbose else logging.ERROR,
+                 log_to_driver=verbose)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise EngineError(f"cannot connect to the Ray cluster at {address!r}: {err}".splitlines()[0]) from None
 
 
 def _start_local_ray(num_cpus: int | None, verbose: bool) -> None:
@@ -332,6 +395,9 @@ def _client_actor_class() -> Any:
             def ready(self) -> bool:
                 return True
 
+            def node_id(self) -> str:
+                return ray.get_runtime_context().get_node_id()
+
             def call(self, key: int, app: _Shared, jobs: list[tuple[Message, Context]]) -> list[tuple[Any, ...]]:
                 """For each ``(message, context)``: ``(reply, context, None, seconds)``, or
                 ``(None, None, (reason, traceback), seconds)`` when the ClientApp raised. A
@@ -363,25 +429,57 @@ class _ActorPool:
     """As many actors as the per-client ``resources`` fit on the Ray cluster (Flower's
     ``pool_size_from_resources``), created at once; they start while the caller goes on."""
 
-    def __init__(self, resources: Resources, shared_ray: bool = False) -> None:
+    def __init__(self, resources: Resources, shared_ray: bool = False, runtime_env: dict[str, Any] | None = None,
+                 address: str | None = None) -> None:
         import ray
         from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
         self.resources = dict(resources)
+        self.runtime_env = runtime_env
+        self.address = address
         self.size = pool_size_from_resources(self.resources)
         if shared_ray:  # a Ray session someone else uses: only what is free now (else the actors never start)
-            free = ray.available_resources()
-            fits = [int(free.get("CPU", 0) // self.resources["num_cpus"])]
-            if self.resources.get("num_gpus", 0) > 0:
-                fits.append(int(free.get("GPU", 0) // self.resources["num_gpus"]))
+            # A node's resources reach the GCS a moment after it has joined: wait a little for them.
+            deadline = time.monotonic() + (10.0 if address else 0.0)
+            while True:
+                free = ray.available_resources()
+                fits = [int(free.get("CPU", 0) // self.resources["num_cpus"])]
+                if self.resources.get("num_gpus", 0) > 0:
+                    fits.append(int(free.get("GPU", 0) // self.resources["num_gpus"]))
+                if min(fits) >= min(self.size, 1) and (min(fits) >= self.size or time.monotonic() > deadline - 8.0):
+                    break  # all the pool wants is free, or at least one client and 2 s have passed
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.25)
             self.size = min(self.size, *fits)
             if self.size < 1:
-                raise EngineError(f"the process's Ray session has no free resources for a client {self.resources} "
-                                  f"(free: {free}); another engine holds them")
+                where = f"the Ray cluster at {address}" if address else "the process's Ray session"
+                raise EngineError(f"{where} has no free resources for a client {self.resources} (free: "
+                                  f"{ {k: v for k, v in free.items() if k in ('CPU', 'GPU')} }); other jobs hold them "
+                                  "or no node is that large")
         self.actors = [self.new_actor() for _ in range(self.size)]
 
+    def lost(self) -> EngineError | None:
+        """After an actor died: an ``EngineError`` if the Ray cluster itself went away (its head
+        no longer accepts connections), else None. Ray's driver would wait for the cluster for a
+        minute and then end the whole process; the run fails at once instead, keeping its rounds."""
+        if self.address is None:
+            return None
+        import ray
+
+        try:
+            host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+            socket.create_connection((host, int(port)), timeout=3.0).close()
+        except (OSError, ValueError, AttributeError) as err:
+            return EngineError(f"the Ray cluster at {self.address} went away during the run "
+                               f"(its head refuses connections: {type(err).__name__}); the finished rounds are kept")
+        return None
+
     def new_actor(self) -> Any:
-        return _client_actor_class().options(**self.resources).remote()
+        options: dict[str, Any] = dict(self.resources)
+        if self.runtime_env is not None:
+            options["runtime_env"] = self.runtime_env
+        return _client_actor_class().options(**options).remote()
 
     def terminate(self) -> None:
         import ray

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key in every variant; repeatable")
     cmp.add_argument("--verbose", action="store_true")
+    exp = sub.add_parser("export-app", help="write a Flower App of a scenario for `flwr run` on Flower's deployment engine")
+    exp.add_argument("scenario", help="scenario YAML file")
+    exp.add_argument("dir", help="the app's folder (pyproject.toml, scenario, plug-in files)")
+    exp.add_argument("--out", help="the run folder on the SuperLink's machine (default: output.dir/<name>-<timestamp> there)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     lst = sub.add_parser("list", help="registered datasets, models, learners, strategies and gossip rules")
     lst.add_argument("--long", action="store_true", help="one line per entry: what it is and its parameters")
     return parser
@@ -262,7 +268,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare}
+def cmd_export_app(args: argparse.Namespace) -> int:
+    from fedens.api import load
+    from fedens.deploy import export_app
+
+    scn = load(args.scenario, args.overrides)
+    out = str(Path(args.out).resolve()) if args.out else None
+    folder = export_app(scn, Path(args.dir), out=out, overwrite=args.overwrite)
+    print(f"{folder}: a Flower App of {scn.name} for {scn.data.num_clients} SuperNodes (partition-id 0..{scn.data.num_clients - 1}); "
+          f"run it with: flwr run {folder} <connection>  (docs/deployment.md)")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare, "export-app": cmd_export_app}
 
 
 if __name__ == "__main__":

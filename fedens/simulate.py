@@ -298,6 +298,13 @@ def _connect(address: str, verbose: bool, telemetry: bool) -> None:
 
     from fedens.cluster import stage_fedens, staging_root
 
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and "://" not in address:  # ray.init would retry for a minute before it gives up
+        try:
+            socket.create_connection((host, int(port)), timeout=5.0).close()
+        except OSError as err:
+            raise EngineError(f"cannot connect to the Ray cluster at {address!r}: nothing answers there "
+                              f"({type(err).__name__}); start it with `ray start --head --port={port}`") from None
     env = {"py_modules": [str(stage_fedens(staging_root()))],
            "env_vars": {"FLWR_TELEMETRY_ENABLED": "1" if telemetry else "0", "RAY_USAGE_STATS_ENABLED": "0",
                         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}}

@@ -51,9 +51,8 @@ import traceback
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
-
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # Flower's modules take ~0.7 s to import: Ray starts without waiting for them
     from fedens.cluster import Shipment
@@ -248,7 +247,6 @@ class Engine:
             return SimulatedRun(num_nodes, self._pool, app, node_states).execute(server_app)
         finally:
             self.runs += 1
-
 
     def _runtime_env(self, shipment: Shipment | None) -> dict[str, Any] | None:
         """The actors' runtime environment for a run: its shipped files as their working

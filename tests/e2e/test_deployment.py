@@ -38,7 +38,11 @@ def test_quickstart_through_flwr_run_equals_the_simulation(session, tmp_path: Pa
             time.sleep(1.0)
             if (out / "summary.json").is_file():
                 status = json.loads((out / "summary.json").read_text())["status"]
-        listed = json.loads(flower.flwr("ls", "test", "--run-id", run_id, "--format", "json").stdout)
+        for _ in range(60):  # Flower marks the run finished a moment after the ServerApp returns
+            listed = json.loads(flower.flwr("ls", "test", "--run-id", run_id, "--format", "json").stdout)
+            if listed["runs"][0]["status"].startswith("finished"):
+                break
+            time.sleep(1.0)
     summary = json.loads((out / "summary.json").read_text())
     assert status == "ok", (summary["error"], flower.log())
     assert listed["runs"][0]["status"] == "finished:completed"

@@ -31,7 +31,10 @@ def test_full_depth_partial_avg_is_fedavg(session, tmp_path: Path):
         # the same model up to float rounding: Flower's FedAvg sums in float32, fedens in float64
         for a, b in zip(strip(ours.scope(scope)), strip(flower.scope(scope)), strict=True):
             assert a.keys() == b.keys()
-            assert all(a[k] == (pytest.approx(b[k], rel=1e-6, abs=1e-7) if isinstance(b[k], float) else b[k]) for k in a), scope
+            # OOD AUROC ranks 359 x 359 score pairs: float rounding may swap one near-tie, 1/359^2 = 7.8e-6
+            close = {k: pytest.approx(b[k], abs=3 / 359**2) if k.startswith("ood_auroc") else
+                     pytest.approx(b[k], rel=1e-6, abs=1e-7) if isinstance(b[k], float) else b[k] for k in b}
+            assert a == close, scope
     last = ours.scope("global-test")[-1]
     assert 1 <= last["mean_exit"] <= 2 and 0 < last["compute_fraction"] <= 1
     assert sum(last[f"exit{l}_share"] for l in (1, 2)) == pytest.approx(1.0)

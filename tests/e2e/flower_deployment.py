@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .ray_cluster import free_port
+from .ray_cluster import free_port, stop_groups
 
 BIN = Path(sys.executable).parent
 
@@ -87,16 +86,7 @@ class FlowerDeployment:
         return str(json.loads(done.stdout)["run-id"])
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_groups(self.procs, grace=20.0)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> FlowerDeployment:

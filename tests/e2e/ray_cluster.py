@@ -25,6 +25,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to each process's group (the last started first), up to ``grace`` seconds for
+    each to exit, then SIGKILL to every group, for what a process left behind in it."""
+    for proc in reversed(procs):
+        _kill_group(proc, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        _kill_group(proc, signal.SIGKILL)
+
+
 def _ports() -> list[str]:
     return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
@@ -76,21 +97,7 @@ class RayCluster:
         return " | ".join(p.read_text()[-800:] for p in sorted(self.temp.glob("node-*.log")))
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.procs:  # what a node left behind in its group (workers, agents)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_groups(self.procs, grace=30.0)
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def __enter__(self) -> RayCluster:

@@ -30,13 +30,14 @@ import re
 import shutil
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedens.scenario import Scenario
 
 FILES = "fedens-files"  # the folder of shipped files inside the actors' working directory
-_REF = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][\w.]*)$")
+FILE_REF = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][\w.]*)$")  # a plug-in file.py:Name
 _MODULE_REF = re.compile(r"^(?P<module>[A-Za-z_][\w]*(\.[\w]+)*):(?P<name>[A-Za-z_][\w.]*)$")
 # The sections the ClientApp resolves on an actor: its learner, model, dataset class and gossip
 # rule. The strategy and the distillation run on the driver; data.params are read by the
@@ -122,6 +123,15 @@ class Shipment:
         return folder
 
 
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """``value`` (a scenario's JSON: dicts, lists, scalars) with ``fn`` applied to every string."""
+    if isinstance(value, dict):
+        return {k: map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_strings(v, fn) for v in value]
+    return fn(value) if isinstance(value, str) else value
+
+
 def portable(scn: Scenario) -> tuple[Scenario, Shipment]:
     """The scenario the ClientApp takes to the cluster, and the files it needs there.
 
@@ -132,14 +142,8 @@ def portable(scn: Scenario) -> tuple[Scenario, Shipment]:
     actor's working directory."""
     shipment = Shipment()
 
-    def walk(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if not isinstance(value, str):
-            return value
-        if (m := _REF.match(value)) and Path(m["file"]).is_absolute() and Path(m["file"]).is_file():
+    def walk(value: str) -> str:
+        if (m := FILE_REF.match(value)) and Path(m["file"]).is_absolute() and Path(m["file"]).is_file():
             return f"{shipment.add_file(Path(m['file']))}:{m['name']}"
         if (m := _MODULE_REF.match(value)) and "/" not in value:
             shipment.add_package(m["module"])
@@ -150,8 +154,8 @@ def portable(scn: Scenario) -> tuple[Scenario, Shipment]:
 
     raw = scn.model_dump(mode="json")
     for section in _CLIENT_SECTIONS:
-        raw[section] = walk(raw[section])
-    raw["data"]["dataset"] = walk(raw["data"]["dataset"])
+        raw[section] = map_strings(raw[section], walk)
+    raw["data"]["dataset"] = map_strings(raw["data"]["dataset"], walk)
     return Scenario.model_validate(raw), shipment
 
 

@@ -32,10 +32,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedens.cluster import FILE_REF, map_strings
 from fedens.scenario import Scenario, ScenarioError
 
 PLUGINS = "fedens_app_plugins"  # the app folder's package of copied plug-in files
-_REF = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][\w.]*)$")
 # every message type the fedens ClientApp answers (fedens.client_app)
 HANDLERS = (("train", None), ("evaluate", None), ("query", "info"), ("query", "validate"), ("query", "conformal"),
             ("query", "gossip"))
@@ -97,12 +97,8 @@ def _with_plugins(raw: dict[str, Any], package: Path) -> dict[str, Any]:
     """Copy every ``/abs/file.py:Name`` plug-in of the scenario into ``package`` (named by its
     content) and refer to it as ``fedens_app_plugins.<module>:Name``."""
 
-    def walk(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if isinstance(value, str) and (m := _REF.match(value)) and Path(m["file"]).is_file():
+    def walk(value: str) -> str:
+        if (m := FILE_REF.match(value)) and Path(m["file"]).is_file():
             src = Path(m["file"])
             stem = re.sub(r"\W", "_", src.stem)
             module = f"{stem}_{hashlib.sha256(src.read_bytes()).hexdigest()[:10]}"
@@ -112,7 +108,7 @@ def _with_plugins(raw: dict[str, Any], package: Path) -> dict[str, Any]:
             return f"{PLUGINS}.{module}:{m['name']}"
         return value
 
-    return walk(raw)
+    return map_strings(raw, walk)
 
 
 # --------------------------------------------------------------------------- the apps

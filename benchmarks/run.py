@@ -1,343 +1,250 @@
 """Run the benchmark suite and write ``docs/results.md``: one comparison file per claim.
 
-    python benchmarks/run.py --out runs/bench            # run (or resume) every comparison, then report
-    python benchmarks/run.py --out runs/bench --only ivon gossip
-    python benchmarks/run.py --out runs/bench --report   # only the report, from finished runs
+    python benchmarks/run.py --out benchmarks/results                 # run (or resume) every comparison, then report
+    python benchmarks/run.py --out benchmarks/results --only ivon gossip
+    python benchmarks/run.py --out benchmarks/results --only ivon --rerun   # run ivon's runs again from scratch
+    python benchmarks/run.py --out benchmarks/results --report        # only the report, from finished runs
+    python benchmarks/run.py --out benchmarks/results --check         # sections whose code changed since they ran: exit 1
 
+The runs go to ``benchmarks/results`` by default, which is committed without the bulky files
+(checkpoints, logs, figures: ``benchmarks/results/.gitignore``): a finished run needs only its
+summary and marker to be skipped, so the suite picks up in a later sitting where it stopped.
 Every comparison runs through one warm engine and is resumable (a finished run is not run
-again). A claim's verdict, per compared pair, from the paired differences over the same seeds
-(``fedens.stats.paired``, 95% Student-t interval):
+again); a comparison file with a ``tune:`` block is tuned first by ``run_comparison`` itself.
+Around each comparison this script writes ``OUT/<name>/stamp.json`` (the commit, the date and
+the blob hash of every file the section depends on: the comparison file, its base scenario and
+the Python sources under fedens/ and strategies/; per run, which of those code versions it ran
+at) and ``OUT/elapsed.json`` (wall seconds per comparison).
 
-- holds: the interval lies on the claimed side of 0 (for "comparable": inside +-``MARGIN``);
-- does not hold: it lies on the other side (for "comparable": outside +-``MARGIN``);
-- inconclusive at this number of seeds: otherwise.
-
-A variant that diverged (its model became non-finite) on any seed does not meet its claim; the
-differences are over the seeds where both runs finished.
-
-A pair's verdict is "holds" when every check holds, "does not hold" when any check does not
-hold, and "inconclusive" otherwise. Nothing is tuned: every method runs with its fedens
-defaults and the comparison's shared training settings (docs/results.md says so per claim).
+The report (``benchmarks/report.py``) is computed from each comparison's ``runs.csv``: a
+verdict per metric per compared pair from the paired differences over the seeds where both runs
+are ok (``fedens.stats.paired``, 95% Student-t interval), readings rendered from the statistics,
+and a diverged or failed run counted as "unstable at these settings in k of n seeds" next to
+the verdict, never folded into it. ``--check`` reads only stamps and files: it starts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedens import stats  # noqa: E402
-from fedens.results import read_metrics  # noqa: E402
+from benchmarks.report import ALL, MARGIN, REFERENCE, RUN_GLOBS, Check, Claim, check, code_hashes, finish_stamp, \
+    new_stamp, report, run_keys  # noqa: E402
 
-MARGIN = 0.02  # "comparable accuracy": the paired difference's interval within +-2 points
-NAMES = {"test_accuracy": "accuracy", "test_ece": "ECE", "test_nll": "NLL", "rounds_to_target": "rounds to target",
-         "best_client": "accuracy - best client's", "coverage_gap": "set coverage - (1 - alpha)",
-         "shift_coverage_gap": "shift set coverage - (1 - alpha)",
-         "test_routing_gain": "accuracy - static exits' at the same compute"}
-GAPS = {"coverage_gap": "test_conformal_coverage", "shift_coverage_gap": "shift_conformal_coverage"}
-AGAINST_ZERO = {"best_client", "test_routing_gain", *GAPS}  # a within-run difference: its baseline is 0
-ZERO_BASELINE = {"conformal": "1 - alpha", "early_exit": "static exits", "swarm": "its best client"}
+BENCHMARKS = ROOT / "benchmarks"
+__all__ = ["CLAIMS", "MARGIN", "main", "run_all"]
 
+EXITS = ("lambda_0.03", "lambda_0.1", "lambda_0.3", "joint_0.1", "budgets")
+CONFORMAL = ("pooled_lac", "pooled_aps", "qoq_lac", "qoq_aps")
 
-@dataclass
-class Check:
-    metric: str  # a column of runs.csv, or "best_client" (swarm)
-    direction: str  # "higher", "lower", "not lower" (higher or within the margin), "comparable"
-
-
-@dataclass
-class Claim:
-    key: str
-    comparison: str
-    title: str
-    source: str
-    pairs: list[tuple[str, str]]  # (variant, baseline); "*" = every variant against the reference
-    checks: list[Check]
-    reading: str = ""
-    plot: str = "comparison.png"
-    extra_plots: list[str] = field(default_factory=list)
-
-
+# A claim's ``setup`` states the claim and its setup in words and holds no number: every number
+# of a section (differences, intervals, seeds, rounds, counts) is rendered from runs.csv.
 CLAIMS = [
     Claim("ensembles", "ensembles", "Ensembles are better calibrated than a single network",
           "deep ensembles (Lakshminarayanan et al. 2017), BatchEnsemble (Wen et al. 2020), FiLM-Ensemble (Turkoglu et al. "
           "2022), subnetworks (Zhang et al. 2021), MC dropout (Gal & Ghahramani 2016), snapshots (Huang et al. 2017), "
           "low-precision ensembles (Nam & Lee 2024), FGE (Garipov et al. 2018), StarSSE (Sadrtdinov et al. 2023)",
-          [("*", "")], [Check("test_ece", "lower"), Check("test_nll", "lower")], plot="comparison.png",
-          extra_plots=["reliability.png"],
-          reading="Mostly does not hold here, for a reason the runs show: after 30 federated rounds the single CNN is "
-          "already calibrated or slightly overconfident (mean confidence minus accuracy of the final model, pooled over "
-          "seeds: +0.002 at Dirichlet 0.5, +0.047 at 0.1), and every ensemble lowers confidence, so the ensembles end "
-          "underconfident (deep ensemble -0.066, FiLM -0.090, snapshot -0.176 at 0.5) and their ECE rises. NLL, which "
-          "rewards the ensemble's better ranking of classes, still improves for the deep ensemble at Dirichlet 0.5 "
-          "(-0.067 [-0.095, -0.040]). The papers compare with a single network trained to convergence, which is "
-          "overconfident; a federated network after 30 rounds of 2 local epochs is not. Snapshot ensembles of one "
-          "federated run (cyclic learning-rate snapshots) are the most underconfident and do not hold on either "
-          "split. At Dirichlet 0.1 the intervals are wide (seed-to-seed split differences dominate): 5 seeds "
-          "cannot separate most learners there. On the shifted test set, where the single network is "
-          "overconfident, the ensembles are better calibrated (shift ECE at Dirichlet 0.5: single 0.088, deep "
-          "ensemble 0.027, subnetwork 0.026, FiLM 0.035; see the per-variant table)."),
+          "The ensemble papers claim that an ensemble, explicit or implicit, has a lower ECE and NLL than a single "
+          "network. Every ensemble learner is trained federatedly on MNIST-1D at two levels of label skew and compared "
+          "with the single network at the same skew, on the same seeds, with the same training settings.",
+          [(ALL, REFERENCE)], [Check("test_ece", "lower"), Check("test_nll", "lower")], extra_plots=["reliability.png"]),
+    Claim("fge", "ensembles", "FGE and StarSSE: an ensemble from one training run beats the single network",
+          "FGE (Garipov et al. 2018), StarSSE (Sadrtdinov et al. 2023)",
+          "Fast geometric ensembling collects snapshots along one run's cyclic learning-rate schedule after a warm-up; "
+          "StarSSE starts every cycle from the warmed-up model instead of the previous snapshot. The claim: the "
+          "snapshot ensemble is more accurate and has a lower NLL than the single network, at the same number of "
+          "rounds. Both are compared with the single network of the ensembles comparison at each level of label skew.",
+          [("snapshot_fge", "single"), ("snapshot_star", "single")],
+          [Check("test_accuracy", "higher"), Check("test_nll", "lower")]),
     Claim("lora", "lora", "LoRA-Ensemble is as accurate as an explicit ensemble and better calibrated",
-          "Halbheer et al. 2024", [("lora_ensemble", "deep_ensemble")],
-          [Check("test_accuracy", "comparable"), Check("test_ece", "lower")], extra_plots=["tradeoff.png"],
-          reading="Holds: LoRA-Ensemble is 1.1 points more accurate than the deep ensemble of the same tiny ViT (inside "
-          "the +-2-point margin) and its ECE is 0.054 lower, while each client sends 140 kB per round instead of "
-          "1,850 kB. As in the ensembles claim, the explicit ensemble is underconfident (confidence minus accuracy "
-          "-0.079); LoRA-Ensemble, whose members share a frozen backbone and differ less, is close to calibrated "
-          "(-0.013). On the shifted test set the order reverses (shift ECE +0.059 for LoRA-Ensemble)."),
-    Claim("ivon", "ivon", "IVON matches SGD's accuracy at the same cost and is better calibrated",
-          "Shen et al. 2024", [("ivon", "sgd"), ("ivon", "sgd_at_ivon_lr")],
-          [Check("test_accuracy", "not lower"), Check("test_ece", "lower")],
-          reading="Does not hold with fedens' IVON defaults on this network. IVON's default learning rate (0.5, chosen "
-          "on the digits MLP, where IVON matched SGD) is too large for the 1-D CNN: accuracy climbs and then collapses "
-          "on some seeds (seed 1: 0.74 at round 25, 0.17 at round 30; seed 3's training loss reached 4e8, which the "
-          "divergence check now reports), ending at 0.36 +- 0.30 against SGD's 0.82. SGD at the same learning rate "
-          "does not train at all (0.10 on every seed), so the step size, not the variational part, is what fails; "
-          "against it IVON is far ahead. Nothing was tuned (this suite's rule); the fair next check is the same "
-          "learning-rate search on validation data for both optimisers."),
+          "Halbheer et al. 2024",
+          "LoRA-Ensemble's members are low-rank adapters on one frozen pretrained transformer. The claim: it is as "
+          "accurate as an explicit ensemble of the same transformer from the same pretrained backbone (comparable "
+          "accuracy) and better calibrated (lower ECE). Here the tiny ViT on MNIST-1D, with the backbone pretrained "
+          "on the server's public split.",
+          [("lora_ensemble", "deep_ensemble")], [Check("test_accuracy", "comparable"), Check("test_ece", "lower")],
+          extra_plots=["tradeoff.png"]),
+    Claim("ivon", "ivon", "IVON matches SGD's accuracy at the same cost and is better calibrated", "Shen et al. 2024",
+          "The claim: IVON, at the cost of SGD, is at least as accurate as SGD and has a lower ECE. Two pairs: IVON and "
+          "SGD, each with its learning rate tuned over the same range of steps; and, not tuned, IVON at its fedens "
+          "preset against SGD taking the same step (heavy-ball momentum, its learning rate IVON's times one minus the momentum), so that a "
+          "difference is the posterior, not the step size.",
+          [("ivon", "sgd"), ("ivon_default", "sgd_same_step")],
+          [Check("test_accuracy", "not lower"), Check("test_ece", "lower")]),
     Claim("ivon_admm", "admm", "IVON-ADMM reaches at least the accuracy of FedAvg, FedProx, FedDyn and FedLap under "
           "strong heterogeneity", "Möllenhoff et al. 2025",
-          [("ivon_admm", b) for b in ("fedavg", "fedprox", "feddyn", "fedlap")], [Check("test_accuracy", "not lower")],
-          reading="Does not hold here: IVON-ADMM diverged on 4 of 5 seeds (training loss above 100 log C between rounds 7 "
-          "and 22) and reached 0.28 on the fifth. It runs the IVON learner with the strategy's documented settings "
-          "(hess_init 1.0, lr 0.5, damping 0.1, all chosen on digits), and inherits the instability that the IVON "
-          "claim shows on this network; the ADMM step itself is tested exactly on small problems "
-          "(tests/strategies/test_ivon_admm.py). Among the deterministic methods, FedDyn is the most accurate "
-          "(+10 points over FedAvg, interval [-6, +26]) and the worst calibrated (ECE 0.12 against 0.05)."),
-    Claim("fedlap_cov", "admm", "FedLap-Cov improves on FedLap", "Swaroop et al. 2025", [("fedlap_cov", "fedlap")],
-          [Check("test_accuracy", "higher")],
-          reading="Holds: FedLap-Cov is 9.5 points [5.3, 13.8] more accurate than FedLap on every seed, at twice the "
-          "bytes (it also sends the diagonal precision) and about 4x the wall time (the exact diagonal GGN on every client). "
-          "Both trail FedAvg with their default parameters here (FedLap -15 points, FedLap-Cov -5.6)."),
+          "The claim: under strong label skew, IVON-ADMM is at least as accurate as FedAvg, FedProx, FedDyn and FedLap. "
+          "Every method has its learning rate (IVON-ADMM: its IVON learning rate and initial Hessian, from the authors' "
+          "settings) and its own penalty tuned with the same budget, and the same local training on MNIST-1D.",
+          [("ivon_admm", b) for b in ("fedavg", "fedprox", "feddyn", "fedlap")], [Check("test_accuracy", "not lower")]),
+    Claim("fedlap_cov", "admm", "FedLap-Cov improves on FedLap", "Swaroop et al. 2025",
+          "The claim: sending the clients' diagonal precision with their models (FedLap-Cov) gives a more accurate "
+          "global model than FedLap, in the same comparison as IVON-ADMM.",
+          [("fedlap_cov", "fedlap")], [Check("test_accuracy", "higher")]),
     Claim("posteriors", "posteriors", "Posterior merging and FedBE give a better calibrated global model than FedAvg",
           "Daheim et al. 2024 (posterior merging), Chen & Chao 2021 (FedBE)",
+          "The claim: combining the clients as Bayesian posteriors (averaging, product, uncertainty-weighted merging) "
+          "or as a distribution over their weights (FedBE) gives a lower ECE and NLL than FedAvg of one network. The "
+          "posterior strategies take the IVON learner; IVON clients under plain FedAvg separate the learner from the "
+          "merging rule.",
           [(v, "fedavg") for v in ("posterior_avg", "posterior_product", "uncertainty_merge", "fedbe", "ivon_fedavg")],
-          [Check("test_ece", "lower"), Check("test_nll", "lower")], extra_plots=["reliability.png"],
-          reading="Does not hold for the IVON-based methods, and for a reason outside the merging rules: their clients "
-          "run the IVON learner, which fails on this network at its default learning rate (see the IVON claim; IVON "
-          "clients under plain FedAvg reach 0.28 accuracy), so they are compared with a FedAvg 19 to 50 points "
-          "more accurate. Among them, posterior averaging (0.59) and the product (0.53) beat plain averaging of the "
-          "same IVON clients (0.28), as the papers expect, and the product is the best calibrated on the shifted set "
-          "(0.044). FedBE, with SGD clients, has a lower NLL than FedAvg (-0.036 [-0.060, -0.012]), an unchanged "
-          "ECE and 1.6 points more accuracy: inconclusive for calibration at 5 seeds."),
+          [Check("test_ece", "lower"), Check("test_nll", "lower")], extra_plots=["reliability.png"]),
     Claim("swarm", "swarm", "The swarm's agreed ensemble beats every single client's model",
-          "the swarm-consensus seed paper (PoSw)", [("swarm", "")], [Check("best_client", "higher")],
-          reading="Inconclusive at 5 seeds: the agreed ensemble beats the best single client's own model by 3.1 points on "
-          "average ([-1.1, +7.2]) and on every seed (by 0.2 to 7.7 points), but the margin is within the seed-to-seed "
-          "noise on two seeds (+0.2, +0.2). It also beats the best single member of any client by 2.5 points. More "
-          "seeds would decide it; the direction is the claimed one on all five."),
+          "the swarm-consensus seed paper (PoSw)",
+          "The claim: the ensemble the clients agree on is more accurate than the best single client's own model of "
+          "the same run (a measurement the consensus never sees).",
+          [("swarm", "")], [Check("best_client", "higher")], zero_label="its best client"),
     Claim("conformal", "conformal", "Conformal sets from the federated predictive cover 1 - alpha on exchangeable test data",
           "Vovk et al. 2005, Lei et al. 2018 (split conformal), Humbert et al. 2023 (quantile of quantiles)",
-          [(v, "") for v in ("pooled_lac", "pooled_aps", "qoq_lac", "qoq_aps")], [Check("coverage_gap", "not lower")],
-          reading="Not yet run in this suite's last report (added with the conformal sets); see docs/methods.md#conformal "
-          "for the measured coverage."),
+          "The claim: prediction sets calibrated on the clients' validation splits cover the true label with "
+          "probability at least one minus alpha on exchangeable test data. The pooled threshold and the quantile of "
+          "quantiles, each with the LAC and APS scores; the check is the coverage minus its guarantee, per run.",
+          [(v, "") for v in CONFORMAL], [Check("coverage_gap", "not lower")], zero_label="1 - alpha"),
     Claim("conformal_shift", "conformal", "... and lose that coverage under shift", "the same, with the shifted test set",
-          [(v, "") for v in ("pooled_lac", "pooled_aps", "qoq_lac", "qoq_aps")], [Check("shift_coverage_gap", "lower")],
-          reading="As above."),
+          "The same sets on the shifted test set, where the exchangeability the guarantee needs does not hold: the "
+          "claim is that their coverage falls below the guarantee.",
+          [(v, "") for v in CONFORMAL], [Check("shift_coverage_gap", "lower")], zero_label="1 - alpha"),
     Claim("mixture", "mixture", "A mixture of IVON posteriors gives a better predictive than one", "Le-Minh et al. 2025 (NVA)",
-          [("mixture", "ivon"), ("mixture_no_annealing", "ivon")], [Check("test_nll", "lower"), Check("test_ece", "lower")],
-          reading="Not yet run in this suite's last report; see docs/methods.md#ivon-mixture."),
+          "The claim: a mixture of Gaussian posteriors trained with annealing captures more than one mode and so has a "
+          "lower NLL and ECE than a single IVON posterior; with and without the annealing, under posterior averaging "
+          "on digits.",
+          [("mixture", "ivon"), ("mixture_no_annealing", "ivon")], [Check("test_nll", "lower"), Check("test_ece", "lower")]),
+    Claim("mixture_vs_ensemble", "mixture", "The IVON mixture beats an ensemble of K IVON posteriors at equal compute",
+          "Le-Minh et al. 2025 (NVA)",
+          "The stronger baseline: an ensemble of K independently trained IVON posteriors costs what the mixture of K "
+          "components costs. The claim: the mixture still has a lower NLL and ECE.",
+          [("mixture", "ivon_ensemble")], [Check("test_nll", "lower"), Check("test_ece", "lower")]),
     Claim("early_exit", "early_exit", "Jointly trained gates beat input-blind exits at the same compute",
           "Regol, Chataoui & Coates 2024 (JEI-DNN)",
-          [(v, "") for v in ("lambda_0.03", "lambda_0.1", "lambda_0.3", "joint_0.1", "budgets")], [Check("test_routing_gain", "higher")],
-          plot="exits.png", reading="Not yet run in this suite's last report; see docs/methods.md#early-exit."),
-    Claim("early_exit_calibration", "early_exit", "... and are better calibrated than the plain network",
-          "the same", [(v, "single") for v in ("lambda_0.03", "lambda_0.1", "lambda_0.3", "joint_0.1", "budgets")],
-          [Check("test_ece", "lower")], reading="As above."),
+          "The claim: gates trained jointly with the exits are more accurate than sending inputs at random to fixed "
+          "exits at the same mean compute (the upper concave hull of the fixed exits' cost and accuracy), per run; at "
+          "several cost weights, with the blocks trained by every exit, and with depth budgets.",
+          [(v, "") for v in EXITS], [Check("test_routing_gain", "higher")], zero_label="static exits", plot="exits.png"),
+    Claim("early_exit_threshold", "early_exit", "Learned gates beat confidence-threshold exits at matched compute",
+          "Regol, Chataoui & Coates 2024 (JEI-DNN); confidence-threshold exits (e.g. BranchyNet, Teerapittayanon et al. "
+          "2016) as the baseline",
+          "The usual baseline exits an input at the first exit whose confidence passes a threshold, with the threshold "
+          "set so that the mean compute matches the gates'. The claim: the learned gates are more accurate at that "
+          "compute, per run.",
+          [(v, "") for v in EXITS], [Check("test_threshold_gain", "higher")],
+          zero_label="confidence-threshold exits at the same compute", plot="exits.png"),
+    Claim("early_exit_calibration", "early_exit", "... and are better calibrated than the plain network", "the same",
+          "The claim: the gated network has a lower ECE than the plain network of the same architecture.",
+          [(v, "single") for v in EXITS], [Check("test_ece", "lower")]),
+    Claim("distill", "distill", "A distilled student keeps its teacher's accuracy and calibration",
+          "Hinton et al. 2015 (distillation); Chen & Chao 2021 (FedBE: distilling the global predictive on the server)",
+          "Each federated run distils its global ensemble or posterior (the teacher) into one network on the server's "
+          "public split, without its labels. The claim: the student's accuracy is within the margin of the "
+          "teacher's (not lower) and its ECE is not higher than the teacher's by more than the margin, per run.",
+          [(ALL, "")], [Check("student_vs_teacher_accuracy", "not lower"), Check("student_vs_teacher_ece", "not higher")],
+          zero_label="its teacher"),
     Claim("gossip", "gossip", "Variance-corrected gossip reaches a target accuracy in fewer rounds than plain gossip",
           "the Vanishing Variance paper (variance-corrected model averaging)",
+          "The claim: correcting the variance of averaged models lets decentralized training from independent "
+          "initialisations reach a target mean node accuracy in fewer rounds than plain gossip averaging; on a ring "
+          "and a random regular graph. A run that never reaches the target counts as its rounds cap plus one.",
           [("vca-topology=ring", "average-topology=ring"), ("vca-topology=regular", "average-topology=regular")],
-          [Check("rounds_to_target", "lower")], extra_plots=["layer_variance.png"],
-          reading="Holds on the random 4-regular graph (7.2 [5.2, 9.2] rounds fewer to a mean node accuracy of 0.85) and "
-          "points the same way on the ring, where plain averaging reaches the target on 1 of 5 seeds within 40 "
-          "rounds (round 40) and VCA on 4 (rounds 30 to 40); a run that never reaches it counts as 41, and with "
-          "that censoring the interval just includes zero. VCA also "
-          "ends more accurate and better calibrated on both graphs (ring: +4.6 points, ECE -0.048)."),
+          [Check("rounds_to_target", "lower")], extra_plots=["layer_variance.png"]),
 ]
 
 
-def run_all(out: Path, only: list[str]) -> dict[str, float]:
-    """Every comparison into ``out/<name>``, in one session; seconds per comparison."""
+def machine() -> dict[str, int]:
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        pass
+    return {"cpus": os.cpu_count() or 0, "gpus": gpus}
+
+
+def forget_runs(folder: Path) -> int:
+    """Make ``run_comparison`` run a comparison again from scratch: remove the resume markers of
+    its evaluation runs and tuning trials, and set its Optuna storage aside (renamed, not deleted)."""
+    from fedens.compare import MARKER
+
+    markers = [m for g in RUN_GLOBS for m in folder.glob(g.replace("summary.json", MARKER))]
+    for m in markers:
+        m.unlink()
+    db = folder / "tuning.db"
+    if db.exists():
+        db.rename(folder / f"tuning.db.before-{time.strftime('%Y%m%dT%H%M%S')}")
+    return len(markers)
+
+
+def run_all(out: Path, only: list[str], rerun: bool = False) -> dict[str, float]:
+    """Every comparison (tuning first where the file has a ``tune:`` block, then the runs) into
+    ``out/<name>``, in one session; stamps each; seconds per comparison (``elapsed.json``)."""
     import fedens
     from fedens.compare import run_comparison
 
-    elapsed: dict[str, float] = {}
-    files = sorted((ROOT / "benchmarks").glob("*.yaml"))
+    files = sorted(BENCHMARKS.glob("*.yaml"))
+    unknown = sorted(set(only) - {p.stem for p in files})
+    if unknown:
+        raise SystemExit(f"--only: no comparison file benchmarks/<name>.yaml for {', '.join(unknown)}")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        elapsed = json.loads((out / "elapsed.json").read_text())
+    except (OSError, ValueError):
+        elapsed = {}
+    host = machine()
     with fedens.session() as session:
         for path in files:
             if only and path.stem not in only:
                 continue
+            folder = out / path.stem
+            folder.mkdir(parents=True, exist_ok=True)
+            if rerun:
+                print(f"== {path.stem}: {forget_runs(folder)} finished runs will run again", flush=True)
+            before = run_keys(folder)
+            stamp = new_stamp(ROOT, path)  # the code as the comparison starts
+            print(f"== {path.stem} (commit {stamp['commit']})", flush=True)
             t = time.time()
-            print(f"== {path.stem}", flush=True)
-            run_comparison(path, out / path.stem, session=session, progress=False)
-            elapsed[path.stem] = time.time() - t
-            (out / "elapsed.json").write_text(json.dumps(elapsed))  # the report states the suite's wall time
+            try:
+                run_comparison(path, folder, session=session, progress=False)
+            finally:  # also when a run fails or the suite is interrupted: the runs that finished are stamped
+                final = finish_stamp(folder, stamp, before, time.time() - t, end_files=code_hashes(ROOT, path),
+                                     machine=host)
+                elapsed[path.stem] = final.get("elapsed_s", elapsed.get(path.stem, round(time.time() - t, 1)))
+                (out / "elapsed.json").write_text(json.dumps(elapsed, indent=1, sort_keys=True))
     return elapsed
 
 
-def values(report: dict, variant: str, metric: str, out: Path, rounds: int) -> dict[int, float | None]:
-    """seed -> value of ``metric`` for ``variant``: a runs.csv column, or for "best_client" the
-    final agreed ensemble's accuracy minus the best single client's (swarm). A run that never
-    reaches the target counts as ``rounds + 1`` rounds (censored), so it is not dropped."""
-    runs = [r for r in report["runs"] if r["variant"] == variant]
-    if metric == "best_client":
-        got = {}
-        for r in runs:
-            train = [x for x in read_metrics(out / variant / f"seed-{r['seed']}") if x["scope"] == "train"]
-            best = train[-1].get("best_client_test_accuracy") if train else None
-            got[r["seed"]] = None if best is None or r["test_accuracy"] is None else r["test_accuracy"] - best
-        return got
-    if metric in GAPS:  # a coverage against its guarantee 1 - alpha (alpha from the run's own scenario)
-        got = {}
-        for r in runs:
-            scn = yaml.safe_load((out / variant / f"seed-{r['seed']}" / "scenario.yaml").read_text())
-            alpha = scn["evaluate"]["conformal"]["alpha"]
-            got[r["seed"]] = None if r[GAPS[metric]] is None else r[GAPS[metric]] - (1 - alpha)
-        return got
-    if metric == "rounds_to_target":
-        return {r["seed"]: rounds + 1 if r[metric] is None else r[metric] for r in runs}
-    return {r["seed"]: r[metric] for r in runs}
-
-
-def verdict(d: stats.Paired, direction: str) -> str:
-    if d.ci_low is None:
-        return "inconclusive"
-    if direction == "comparable":
-        if -MARGIN <= d.ci_low and d.ci_high <= MARGIN:
-            return "holds"
-        return "does not hold" if d.ci_low > MARGIN or d.ci_high < -MARGIN else "inconclusive"
-    if direction == "not lower":
-        if d.ci_low > -MARGIN:
-            return "holds"
-        return "does not hold" if d.ci_high < -MARGIN else "inconclusive"
-    above, below = d.ci_low > 0, d.ci_high < 0
-    want_above = direction == "higher"
-    if (above and want_above) or (below and not want_above):
-        return "holds"
-    return "does not hold" if (above or below) else "inconclusive"
-
-
-def combine(verdicts: list[str]) -> str:
-    if all(v == "holds" for v in verdicts):
-        return "holds"
-    return "does not hold" if "does not hold" in verdicts else "inconclusive at this number of seeds"
-
-
-def first_table(markdown: str) -> list[str]:
-    """The lines of the first Markdown table in ``markdown`` (comparison.md's per-variant one)."""
-    lines = markdown.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return lines[start:end]
-
-
-def fmt(d: stats.Paired, digits: int) -> str:
-    if d.mean is None:
-        return "n/a"
-    if d.ci_low is None:
-        return f"{d.mean:+.{digits}f}"
-    return f"{d.mean:+.{digits}f} [{d.ci_low:+.{digits}f}, {d.ci_high:+.{digits}f}]"
-
-
-def report(out: Path, elapsed: dict[str, float]) -> str:
-    from fedens.compare import load_comparison
-
-    img = ROOT / "docs" / "img" / "results"
-    img.mkdir(parents=True, exist_ok=True)
-    lines = ["# Results: the papers' claims, checked with fedens", "",
-             "Every claim below is one comparison file in `benchmarks/`, run with 5 seeds (a seed fixes the split, the "
-             "initialisation and all client randomness, so variants on the same seed are paired). Intervals are 95% "
-             "Student-t intervals of the mean paired difference (variant - baseline) over the seeds. A claim "
-             "**holds** when the interval lies on the claimed side of zero, **does not hold** when it lies on the "
-             f"other side, and is **inconclusive at this number of seeds** otherwise; \"comparable\" means inside "
-             f"±{MARGIN} and \"not lower\" means above -{MARGIN} (accuracy points as fractions). A run that never "
-             "reaches a target counts as the number of rounds + 1. Nothing was tuned: every method runs with its "
-             "fedens defaults (the README's tables, each strategy's and learner's docstring) and the comparison's "
-             "shared training settings; each comparison file says what it sets.", "",
-             "Regenerate: `python benchmarks/run.py --out runs/bench` (resumes), then this page is rewritten.", ""]
-    summary_rows = []
-    sections = []
-    total_runs, run_seconds = 0, 0.0
-    for claim in CLAIMS:
-        folder = out / claim.comparison
-        path = folder / "comparison.json"
-        if not path.exists():
-            sections += [f"## {claim.title}", "", f"Not run yet (`{claim.comparison}`).", ""]
-            continue
-        rep = json.loads(path.read_text())
-        cmp, planned = load_comparison(ROOT / "benchmarks" / f"{claim.comparison}.yaml")
-        rounds = planned[0].scenario.rounds
-        pairs = claim.pairs
-        if pairs == [("*", "")]:
-            pairs = [(v, rep["versus_reference"][v]["reference"]) for v in rep["versus_reference"]]
-        sections += [f"## {claim.title}", "", f"Source: {claim.source}. Command: "
-                     f"`fedens compare benchmarks/{claim.comparison}.yaml --out runs/bench/{claim.comparison}`.", ""]
-        head = "| variant | baseline | " + " | ".join(f"Δ {NAMES[c.metric]} ({c.direction})" for c in claim.checks) + " | verdict |"
-        sections += [head, "|---" * (len(claim.checks) + 3) + "|"]
-        claim_verdicts = []
-        for variant, baseline in pairs:
-            cells, vs = [], []
-            for c in claim.checks:
-                mine = values(rep, variant, c.metric, folder, rounds)
-                if c.metric in AGAINST_ZERO:  # against 0, not against a baseline
-                    d = stats.paired(mine, {s: 0.0 for s in mine})
-                else:
-                    d = stats.paired(mine, values(rep, baseline, c.metric, folder, rounds))
-                vs.append(verdict(d, c.direction))
-                cells.append(f"{fmt(d, 1 if c.metric == 'rounds_to_target' else 4)} n={d.n}: {vs[-1]}")
-            v = combine(vs)
-            broken = {name: sum(1 for r in rep["runs"] if r["variant"] == name and r["status"] != "ok")
-                      for name in (variant, baseline) if name}
-            if broken.get(variant):  # a method that diverges on some seeds does not meet its claim there
-                v = "does not hold"
-            v += "".join(f" ({name} diverged on {k} of {sum(1 for r in rep['runs'] if r['variant'] == name)} seeds)"
-                         for name, k in broken.items() if k)
-            claim_verdicts.append(v.split(" (")[0])
-            sections.append(f"| {variant} | {baseline or ZERO_BASELINE[claim.comparison]} | " + " | ".join(cells) + f" | **{v}** |")
-        sections += ["", "Per variant, mean ± half-width of the 95% interval over seeds:", ""]
-        sections += first_table((folder / "comparison.md").read_text())
-        for name in [claim.plot, *claim.extra_plots]:
-            if (folder / name).exists():
-                target = img / f"{claim.comparison}-{name}"
-                shutil.copyfile(folder / name, target)
-                sections += ["", f"![{claim.comparison} {name}](img/results/{target.name})"]
-        if claim.reading:
-            sections += ["", claim.reading]
-        sections.append("")
-        overall = claim_verdicts[0] if len(set(claim_verdicts)) == 1 else \
-            "mixed: " + ", ".join(f"{claim_verdicts.count(v)} {v}" for v in dict.fromkeys(claim_verdicts))
-        summary_rows.append(f"| {claim.title} | {overall} |")
-        n = len(rep["runs"])
-        secs = sum(r["wall_time_s"] or 0 for r in rep["runs"])
-        total_runs, run_seconds = total_runs + n, run_seconds + secs
-    lines += ["| claim | verdict (per compared pair) |", "|---|---|", *summary_rows, ""]
-    lines += [f"The suite: {total_runs} runs, {run_seconds / 60:.0f} minutes of run time on a 2-core machine without a GPU"
-              + (f"; the last invocation ran {', '.join(elapsed)} in {sum(elapsed.values()) / 60:.0f} minutes of wall time "
-                 "in one warm session." if elapsed else "."), ""]
-    return "\n".join(lines + sections) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="runs/bench", type=Path)
-    parser.add_argument("--only", nargs="*", default=[])
-    parser.add_argument("--report", action="store_true", help="only write docs/results.md from finished runs")
-    args = parser.parse_args()
-    elapsed = {} if args.report else run_all(args.out, args.only)
-    if not elapsed and (args.out / "elapsed.json").exists():
-        elapsed = json.loads((args.out / "elapsed.json").read_text())
-    (ROOT / "docs" / "results.md").write_text(report(args.out, elapsed), encoding="utf-8")
-    print(f"wrote {ROOT / 'docs' / 'results.md'}" + (f"; {sum(elapsed.values()) / 60:.1f} min" if elapsed else ""))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", type=Path)
+    parser.add_argument("--only", nargs="*", default=[], help="only these comparisons (benchmarks/<name>.yaml)")
+    parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
+    parser.add_argument("--check", action="store_true",
+                        help="list the sections whose code changed since they ran; exit 1 if any (runs nothing)")
+    parser.add_argument("--rerun", action="store_true", help="with --only: run those comparisons' runs again from scratch")
+    parser.add_argument("--to", type=Path, default=ROOT / "docs" / "results.md", help="where the report goes")
+    args = parser.parse_args(argv)
+    if args.check:
+        text, code = check(args.out, BENCHMARKS, ROOT, CLAIMS)
+        print(text, end="")
+        return code
+    if args.rerun and not args.only:
+        parser.error("--rerun needs --only NAME ...: it runs those comparisons again from scratch")
+    if not args.report:
+        run_all(args.out, args.only, rerun=args.rerun)
+    img = args.to.parent / "img" / "results"
+    args.to.write_text(report(args.out, CLAIMS, BENCHMARKS, ROOT, img), encoding="utf-8")
+    try:
+        wall = sum(json.loads((args.out / "elapsed.json").read_text()).values())
+    except (OSError, ValueError, TypeError, AttributeError):
+        wall = None
+    print(f"wrote {args.to}" + (f"; {wall / 60:.1f} min of wall time in total" if wall else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

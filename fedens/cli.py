@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a scenario or a comparison file without running it")
     val.add_argument("scenario", help="scenario or comparison YAML file")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmp = sub.add_parser("compare", help="run every variant of a comparison file at every seed (resumable); statistics, tables, plots")
+    cmp = sub.add_parser("compare", help="run every variant of a comparison file at every seed (resumable; a tune: block tunes every "
+                         "variant first, with one budget); statistics, tables, plots")
     cmp.add_argument("comparison", help="comparison YAML (base scenario + variants)")
     cmp.add_argument("--out", required=True, help="folder for the variants' runs and the comparison files")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -84,7 +85,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             preflight(planned.scenario)
         variants = len({r.variant.name for r in runs})
         print(f"{args.scenario}: ok (comparison {cmp.name}: {variants} variants x {len(runs) // max(variants, 1)} seeds = "
-              f"{len(runs)} runs" + (f", reference {cmp.reference}" if cmp.reference else "") + ")")
+              f"{len(runs)} runs" + (f", reference {cmp.reference}" if cmp.reference else "")
+              + (f"; tuned first: {cmp.tune.trials} trials per variant on seeds {cmp.tune.seeds}" if cmp.tune else "") + ")")
         return EXIT_OK
     scn = load(args.scenario, args.overrides)
     preflight(scn)

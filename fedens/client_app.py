@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedens.algorithms import objective_from_config
+from fedens.calibration import log_predictive, temperature_sums
 from fedens.conformal import split_quantile, true_scores
 from fedens.data import ClientData, build_federated_data, load_server_data
 from fedens.data.federated import FederatedData, install, is_installed
@@ -202,6 +203,24 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
                  "local_quantile": min(split_quantile(scores, cfg.alpha), 1e300)}  # +inf is not a metric: 1e300
         return Message(content=RecordDict({"conformal": MetricRecord(reply)}), reply_to=msg)
 
+    @app.query("temperature")
+    def temperature(msg: Message, context: Context) -> Message:
+        """Temperature scaling's sums of the global predictive on this client's validation split
+        (``fedens.calibration.temperature_sums``): for each asked ``beta = 1/T``, the summed NLL
+        ``loss`` and its first two derivatives ``grad``, ``hess``, and the number of points
+        ``n``. Seeded per (seed, round, client), so every call of one fit sees the same
+        predictions (MC dropout, posterior samples)."""
+        pid, client_data, learner, _ = setup(msg, context)
+        data = client_data.val
+        betas = np.asarray(msg.content["temperature"]["betas"], dtype=np.float64)
+        seed_torch(derive_seed(scn.seed, message_round(msg), pid, 4))  # predictions may sample
+        if len(data) == 0:
+            return Message(content=RecordDict({"temperature": MetricRecord({"n": 0})}), reply_to=msg)
+        z = log_predictive(predictive(predict_dataset(learner, data, scn.evaluate.batch_size), learner.predictive_weights))
+        loss, grad, hess = temperature_sums(z, torch.from_numpy(data.y), betas)
+        reply = {"n": len(data), "loss": loss.tolist(), "grad": grad.tolist(), "hess": hess.tolist()}
+        return Message(content=RecordDict({"temperature": MetricRecord(reply)}), reply_to=msg)
+
     @app.query("gossip")
     def gossip(msg: Message, context: Context) -> Message:
         """Decentralized mode: one round of this node (``fedens.decentralized.node``). The node
@@ -222,7 +241,7 @@ def make_client_app(scn: Scenario, data_source: Callable[[], FederatedData] | No
         rule = reusable["rule"]
         trained, metrics = gossip_node.gossip_step(
             learner, rule, own, inp.received, ctx, data.train, data.val, scn.seed, message_round(msg),
-            scn.evaluate.n_bins, scn.evaluate.batch_size, scn.evaluate.conformal,
+            scn.evaluate.n_bins, scn.evaluate.batch_size, scn.evaluate.conformal, scn.evaluate.temperature != "off",
         )
         gossip_node.store(context.state, to_record(trained))  # its own copy: the reply is sent away
         if f.any:  # what the neighbours get: attacked relative to the node's model before the step

@@ -13,6 +13,12 @@ A comparison file::
     grid: {data.partition.alpha: [0.1, 0.5]}   # every variant at every grid point
     reference: single                      # what every other variant is compared with
     target: {metric: accuracy, value: 0.8} # adds "rounds to target"
+    tune: {trials: 8, seeds: [1000], space: {train.lr: {low: 0.005, high: 0.5, log: true}}}
+
+With ``tune``, every variant is first tuned with the same budget on the clients' validation
+splits (``fedens.tuning``; studies in ``OUT/tuning.db``, trial runs in ``OUT/tuning/``, the
+choices in ``tuning.md`` / ``tuning.csv`` / ``tuning.png``), and then runs on the evaluation seeds
+with its chosen values (docs/comparisons.md).
 
 Variants: the named ones, crossed with every point of the grid (names ``single-alpha=0.1``);
 with a grid and no named variants, one variant per grid point. The reference is compared with
@@ -37,36 +43,42 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedens.checks import load_scenario
+from fedens.metrics import higher_is_better
 from fedens.results import strict
 from fedens.scenario import Scenario, ScenarioError, _first_error, _read_yaml
+from fedens.tuning import ParamSpace, TuneConfig, VariantTune
 
-HIGHER_IS_BETTER = {"accuracy", "ood_auroc", "ood_auroc_mi", "member_accuracy"}
 # The final metrics of a run in runs.csv and the statistics: (column, scope, metric).
 FINAL = [
     *[(f"test_{m}", "global-test", m) for m in ("accuracy", "nll", "ece", "brier", "ood_auroc")],
     *[(f"shift_{m}", "global-shift", m) for m in ("accuracy", "nll", "ece", "brier")],
-    *[(f"clients_{m}", "clients", m) for m in ("accuracy", "ece", "accuracy_worst")],
+    # after temperature scaling fitted on the clients' validation splits (evaluate.temperature)
+    *[(f"test_{m}", "global-test", m) for m in ("temperature", "nll_ts", "ece_ts", "brier_ts")],
+    *[(f"shift_{m}", "global-shift", m) for m in ("nll_ts", "ece_ts")],
+    *[(f"clients_{m}", "clients", m) for m in ("accuracy", "nll", "ece", "accuracy_worst")],
     *[(f"nodes_{m}", "nodes-val", m) for m in ("accuracy", "ece")],
     *[(f"{s}_conformal_{m}", f"global-{g}", f"conformal_{m}") for s, g in (("test", "test"), ("shift", "shift"))
       for m in ("coverage", "size")],
     *[(f"student_{m}", "global-test-student", m) for m in ("accuracy", "nll", "ece")],
-    *[(f"test_{m}", "global-test", m) for m in ("compute_fraction", "compute_vs_plain", "mean_exit", "routing_gain")],  # early exits
+    *[(f"test_{m}", "global-test", m) for m in ("compute_fraction", "compute_vs_plain", "mean_exit", "routing_gain",  # early exits
+                                                 "threshold_gain", "threshold_accuracy", "threshold_ece", "threshold_compute_fraction")],
 ]
 # tabled when a comparison measured them (evaluate.conformal, distill)
-OPTIONAL = ("test_conformal_coverage", "test_conformal_size", "shift_conformal_coverage", "student_accuracy", "student_ece",
-            "test_compute_fraction", "test_compute_vs_plain", "test_routing_gain")
-RUN_FACTS = ("rounds_to_target", "bytes_per_client_round", "wall_time_s")
+OPTIONAL = ("test_nll_ts", "test_ece_ts", "test_temperature", "test_conformal_coverage", "test_conformal_size", "shift_conformal_coverage", "student_accuracy", "student_ece",
+            "test_compute_fraction", "test_compute_vs_plain", "test_routing_gain", "test_threshold_gain")
+RUN_FACTS = ("rounds_to_target", "rounds_used", "bytes_per_client_round", "wall_time_s")
 TABLE = ("test_accuracy", "test_nll", "test_ece", "test_brier", "test_ood_auroc", "shift_ece")
 MARKER = "compare.json"  # in each run folder: the scenario it ran, to skip it on a rerun
 DONE = ("ok", "diverged")  # finished runs (``outcome``); a diverged one is a result (counted), not a fault
@@ -104,7 +116,7 @@ class Target(BaseModel):
 
 def rounds_to(rows: list[dict[str, Any]], metric: str, level: float) -> int | None:
     """The first round whose ``metric`` reaches ``level`` (>= if higher is better, else <=)."""
-    better = (lambda v: v >= level) if metric in HIGHER_IS_BETTER else (lambda v: v <= level)  # noqa: E731
+    better = (lambda v: v >= level) if higher_is_better(metric) else (lambda v: v <= level)  # noqa: E731
     return next((r["round"] for r in rows if r.get(metric) is not None and better(r[metric])), None)
 
 
@@ -129,6 +141,7 @@ class Comparison(BaseModel):
     seeds: int | list[int] | None = None
     reference: str | None = None
     target: Target | None = None
+    tune: TuneConfig | None = Field(None, description="equal-budget tuning of every variant on validation data (fedens.tuning)")
 
     @field_validator("seeds")
     @classmethod
@@ -157,6 +170,15 @@ class Comparison(BaseModel):
         if self.target is not None and self.target.of is not None and self.target.of not in self.variants \
                 and self.target.of not in names:
             raise ValueError(f"target.of: {self.target.of!r} is not a variant")
+        for name, tree in self.variants.items():
+            if "tune" in tree and self.tune is None:
+                raise ValueError(f"variants.{name}.tune: a variant's search needs the comparison's tune block "
+                                 "(trials, seeds, objective)")
+            if "tune" in tree:
+                try:
+                    VariantTune.model_validate(tree["tune"])
+                except ValidationError as err:
+                    raise ValueError(f"variants.{name}.tune: {_first_error(err, tree['tune'])}") from None
         return self
 
     def seed_list(self, default: int) -> list[int]:
@@ -178,7 +200,9 @@ class Comparison(BaseModel):
         out = []
         for (label, point), (name, tree) in itertools.product(self.grid_points(), named.items()):
             full = "-".join(p for p in (name, label) if p)
-            out.append(Variant(full, name, label, {**_flatten(tree), **point}))
+            tree = dict(tree)
+            space = VariantTune.model_validate(tree.pop("tune", {})).merged(self.tune.space if self.tune is not None else {})
+            out.append(Variant(full, name, label, {**_flatten(tree), **point}, space))
         return out
 
     def variant_names(self) -> list[str]:
@@ -191,6 +215,7 @@ class Variant:
     named: str  # the named variant it comes from ("" for a grid-only comparison)
     point: str  # its grid point's label ("" without a grid)
     overrides: dict[str, Any]
+    space: dict[str, ParamSpace] = field(default_factory=dict)  # what tuning searches for it (shared + its own)
 
 
 @dataclass(frozen=True)
@@ -273,9 +298,50 @@ def load_comparison(path: str | Path, extra: list[str] = ()) -> tuple[Comparison
         if scn.engine != first.engine:
             raise ScenarioError(f"{path}: variants.{variant.name}: engine: all variants run in one engine, "
                                 "so engine.ray_num_cpus, engine.address and engine.telemetry must be the same for all")
+        if cmp.tune is not None:
+            shared = sorted(set(cmp.tune.seeds) & set(cmp.seed_list(scn.seed)))
+            if shared:
+                raise ScenarioError(f"{path}: tune.seeds: seed {shared[0]} is also an evaluation seed; tuning seeds "
+                                    "must be apart from the seeds that give the reported numbers")
+            _check_space(path, variant, scn, cmp.tune)
         for seed in cmp.seed_list(scn.seed):
             runs.append(PlannedRun(variant, seed, scn if seed == scn.seed else scn.model_copy(update={"seed": seed})))
     return cmp, runs
+
+
+def _check_space(path: Path, variant: Variant, scn: Scenario, cfg: TuneConfig) -> None:
+    """Every trial must be a valid scenario: the variant with each searched key at the edges of
+    its range (and with the trials' seeds and round cap) is checked before anything runs."""
+    if cfg.objective.scope == "clients" and scn.mode == "decentralized" or \
+            cfg.objective.scope == "nodes-val" and scn.mode == "federated":
+        raise ScenarioError(f"{path}: tune.objective.scope: {cfg.objective.scope!r} has no rows in {scn.mode} mode "
+                            f"(variant {variant.name}); use {'nodes-val' if scn.mode == 'decentralized' else 'clients'}")
+    if scn.data.val_fraction == 0:
+        raise ScenarioError(f"{path}: variants.{variant.name}: tune: the clients have no validation split "
+                            "(data.val_fraction is 0), and tuning may read nothing else")
+    for key, spec in variant.space.items():
+        for value in spec.corners():
+            try:
+                trial_scenario(scn, {key: value}, cfg.seeds[0], cfg)
+            except ScenarioError as err:
+                raise ScenarioError(f"{path}: variants.{variant.name}: tune.space.{key}: at {value!r}: "
+                                    f"{str(err).split(': ', 1)[-1]}") from None
+
+
+def trial_scenario(scn: Scenario, params: dict[str, Any], seed: int, cfg: TuneConfig) -> Scenario:
+    """A tuning trial's run: the variant with the sampled values, at a tuning seed, under the
+    trials' round cap, sealed off from the held-out sets (``evaluate.test_sets: false``), without
+    the temperature fit or model checkpoints (nothing reads them)."""
+    overrides = {**params, "seed": seed, "evaluate.test_sets": False, "evaluate.temperature": "off",
+                 "output.checkpoint": False}
+    if cfg.rounds is not None:
+        overrides["rounds"] = cfg.rounds
+    return load_scenario(scn, overrides)
+
+
+def tuned_scenario(scn: Scenario, params: dict[str, Any]) -> Scenario:
+    """An evaluation run with the variant's chosen values."""
+    return load_scenario(scn, params) if params else scn
 
 
 # --------------------------------------------------------------------------- running
@@ -293,52 +359,232 @@ def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), ver
                    progress: bool | None = None, session: Any = None) -> dict[str, Any]:
     """Run (or resume) every planned run into ``out`` and write the comparison files; returns
     the comparison's statistics (what ``comparison.json`` holds). ``session``: a
-    ``fedens.Session`` to run in (default: one of its own, closed at the end)."""
-    from fedens.api import RunDiverged, RunFailed, Session
-    from fedens.cluster import cluster_address
-    from fedens.results import read_metrics
+    ``fedens.Session`` to run in (default: one of its own, closed at the end).
 
+    With a ``tune:`` block, every variant is tuned first (``tune_variants``: one Optuna study per
+    variant in ``out/tuning.db``, trials in ``out/tuning/``), and the evaluation runs use each
+    variant's chosen values."""
     cmp, runs = load_comparison(path, list(extra))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    show = _Progress(len(runs), sys.stderr.isatty() if progress is None else progress)
+    live = sys.stderr.isatty() if progress is None else progress
     outcomes: list[RunOutcome] = []
-    first = runs[0].scenario
-    own = session is None
+    runner = _Runner(runs[0].scenario, verbose, session)
+    tuning: dict[str, Any] | None = None
     try:
+        if cmp.tune is not None:
+            studies = tune_variants(cmp, runs, out, runner)
+            tuning = {name: st.as_dict() for name, st in studies.items()}
+            write_tuning(cmp, studies, out)
+            runs = [PlannedRun(p.variant, p.seed, tuned_scenario(p.scenario, studies[p.variant.name].best_params))
+                    for p in runs]
+        show = _Progress(len(runs), live)
         for i, planned in enumerate(runs, 1):
-            folder = planned.folder(out)
-            marker = json.dumps(planned.scenario.model_dump(mode="json"), sort_keys=True)
-            if _finished(folder, marker):
-                summary = json.loads((folder / "summary.json").read_text())
-                outcomes.append(RunOutcome(planned, read_metrics(folder), summary, skipped=True))
-                show.done(i, planned, summary, skipped=True)
+            done = runner.finished(planned.folder(out), planned.scenario)
+            if done is not None:
+                outcomes.append(RunOutcome(planned, *done, skipped=True))
+                show.done(i, planned, done[1], skipped=True)
                 continue
-            if folder.exists():
-                shutil.rmtree(folder)  # a failed, interrupted or changed run starts again, clean
-            if session is None:  # one warm engine for every run that has to run
-                session = Session(ray_num_cpus=first.engine.ray_num_cpus, verbose=verbose, telemetry=first.engine.telemetry,
-                                  address=cluster_address(first), resources={"num_cpus": first.resources.num_cpus, "num_gpus": first.resources.num_gpus})
-                session.engine.start()
             show.start(i, planned)
             try:
-                result = session.run(planned.scenario, out=folder,
-                                     on_round=lambda r, rows, p=planned, n=i: show.round(n, p, r))
-                rows, summary = result.rows, result.summary
-            except RunDiverged:  # a result of the method: recorded, counted, and the comparison goes on
-                rows, summary = read_metrics(folder), json.loads((folder / "summary.json").read_text())
-            except RunFailed:
+                rows, summary, _ = runner.run(planned.scenario, planned.folder(out),
+                                              lambda r, rows, p=planned, n=i: show.round(n, p, r))
+            except BaseException:
                 show.clear()
                 raise
-            (folder / MARKER).write_text(marker, encoding="utf-8")
             outcomes.append(RunOutcome(planned, rows, summary, skipped=False))
             show.done(i, planned, summary, skipped=False)
     finally:
-        if own and session is not None:
-            session.close()
+        runner.close()
     report = analyse(cmp, outcomes)
+    if tuning is not None:
+        report["tuning"] = tuning
     write_outputs(cmp, outcomes, report, out)
     return report
+
+
+class _Runner:
+    """Runs of a comparison (tuning trials and evaluation runs) in one warm engine, started at
+    the first run that has to run; a finished run whose scenario is unchanged is read back."""
+
+    def __init__(self, first: Scenario, verbose: bool, session: Any = None) -> None:
+        self.first, self.verbose, self.session, self.own = first, verbose, session, session is None
+
+    def finished(self, folder: Path, scn: Scenario) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """``(rows, summary)`` of a run done earlier with this very scenario, else None."""
+        from fedens.results import read_metrics
+
+        if not _finished(folder, _marker(scn)):
+            return None
+        return read_metrics(folder), json.loads((folder / "summary.json").read_text())
+
+    def run(self, scn: Scenario, folder: Path, on_round: Any) -> tuple[list[dict[str, Any]], dict[str, Any], BaseException | None]:
+        """Run ``scn`` into ``folder`` (a failed, interrupted or changed run there starts again,
+        clean). Returns its rows, summary and, when ``on_round`` raised to stop it, that exception;
+        a diverged run is a result (returned); any other failure raises ``RunFailed``."""
+        from fedens.api import RunDiverged, RunFailed, Session, _root
+        from fedens.cluster import cluster_address
+        from fedens.results import read_metrics
+
+        if folder.exists():
+            shutil.rmtree(folder)
+        if self.session is None:
+            first = self.first
+            self.session = Session(ray_num_cpus=first.engine.ray_num_cpus, verbose=self.verbose,
+                                   telemetry=first.engine.telemetry, address=cluster_address(first),
+                                   resources={"num_cpus": first.resources.num_cpus, "num_gpus": first.resources.num_gpus})
+            self.session.engine.start()
+        stopped: BaseException | None = None
+        try:
+            result = self.session.run(scn, out=folder, on_round=on_round)
+            rows, summary = result.rows, result.summary
+        except RunDiverged:  # a result of the method: recorded, counted, and the comparison goes on
+            rows, summary = read_metrics(folder), json.loads((folder / "summary.json").read_text())
+        except RunFailed as err:
+            stopped = _root(err)
+            if not isinstance(stopped, _StopTrial):
+                raise
+            rows, summary = read_metrics(folder), json.loads((folder / "summary.json").read_text())
+        if stopped is None:
+            (folder / MARKER).write_text(_marker(scn), encoding="utf-8")
+        return rows, summary, stopped
+
+    def close(self) -> None:
+        if self.own and self.session is not None:
+            self.session.close()
+
+
+def _marker(scn: Scenario) -> str:
+    return json.dumps(scn.model_dump(mode="json"), sort_keys=True)
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+class _StopTrial(Exception):
+    """Raised from a trial run's round callback when the pruner stops the trial."""
+
+
+def objective_value(rows: list[dict[str, Any]], scope: str, metric: str) -> float | None:
+    """The objective's metric in the last ``scope`` row that has a finite one."""
+    values = [r[metric] for r in rows if r.get("scope") == scope and isinstance(r.get(metric), (int, float))
+              and math.isfinite(r[metric])]
+    return float(values[-1]) if values else None
+
+
+def tune_variants(cmp: Comparison, runs: list[PlannedRun], out: Path, runner: _Runner) -> dict[str, Any]:
+    """Tune every variant with the same budget (``fedens.tuning``); ``{variant: StudySummary}``."""
+    from fedens.tuning import StudySummary, TrialOutcome, fingerprint, run_study
+
+    cfg = cmp.tune
+    storage = f"sqlite:///{(out / 'tuning.db').resolve()}"
+    base = {}
+    for p in runs:  # the variant's scenario at its first evaluation seed; trials replace the seed
+        base.setdefault(p.variant.name, p)
+    studies: dict[str, StudySummary] = {}
+    for name, planned in base.items():
+        variant, scn = planned.variant, planned.scenario
+        if not variant.space:  # a fixed control (every shared key dropped): runs at its given settings, no trials
+            studies[name] = StudySummary(name=name, space={}, objective=f"{cfg.objective.scope} {cfg.objective.metric}",
+                                         direction=cfg.objective.optuna_direction, trials=0, complete=0, pruned=0,
+                                         diverged=0, best_value=None, best_params={}, best_trial=None)
+            print(f"tune {name}: not tuned (its space is empty: a fixed control)", file=sys.stderr, flush=True)
+            continue
+        probe = trial_scenario(scn, {}, cfg.seeds[0], cfg)
+        steps = probe.rounds + 1  # pruning steps: (tuning seed index, round)
+
+        def evaluate(k: int, params: dict[str, Any], report: Any, variant: Variant = variant, scn: Scenario = scn) -> TrialOutcome:
+            values = []
+            for j, seed in enumerate(cfg.seeds):
+                trial = trial_scenario(scn, params, seed, cfg)
+                folder = out / "tuning" / variant.name / f"trial-{k}" / f"seed-{seed}"
+
+                def on_round(r: int, rows: list[dict[str, Any]], j: int = j) -> None:
+                    value = objective_value(rows, cfg.objective.scope, cfg.objective.metric)
+                    if value is not None and report(j * steps + r, value):
+                        raise _StopTrial(f"pruned at round {r}")
+
+                done = runner.finished(folder, trial)
+                if done is not None:  # a seed finished before an interruption: replay its values for the pruner
+                    rows, summary = done
+                    try:
+                        for r in sorted({row["round"] for row in rows}):
+                            on_round(r, [row for row in rows if row["round"] == r])
+                    except _StopTrial as stop:
+                        return TrialOutcome(None, "pruned", str(stop))
+                else:
+                    rows, summary, stopped = runner.run(trial, folder, on_round)
+                    if stopped is not None:
+                        return TrialOutcome(None, "pruned", str(stopped))
+                if outcome(summary) == "diverged":
+                    return TrialOutcome(None, "diverged", f"seed {seed}: {summary.get('error')}")
+                values.append(objective_value(rows, cfg.objective.scope, cfg.objective.metric))
+            if any(v is None for v in values):
+                return TrialOutcome(None, "diverged", f"no {cfg.objective.scope} {cfg.objective.metric} to read")
+            return TrialOutcome(sum(values) / len(values), "complete")
+
+        def log(line: str, name: str = name) -> None:
+            print(f"tune {name}: {line}", file=sys.stderr, flush=True)
+
+        try:
+            studies[name] = run_study(storage, name, cfg, variant.space, fingerprint(cfg, variant.space, json.loads(_marker(scn))),
+                                      evaluate, log)
+        except ValueError as err:
+            raise ScenarioError(f"{out}: tune: {err}") from None
+    return studies
+
+
+def write_tuning(cmp: Comparison, studies: dict[str, Any], out: Path) -> None:
+    """``tuning.csv`` (one row per variant), ``tuning.md`` and ``tuning.png`` (every trial's
+    value and the best so far, per variant)."""
+    from fedens import plots
+
+    keys = sorted({k for st in studies.values() for k in st.space})
+    rows = []
+    for name, st in studies.items():
+        rows.append({"variant": name, "trials": st.trials, "complete": st.complete, "pruned": st.pruned,
+                     "diverged": st.diverged, "objective": st.objective, "direction": st.direction,
+                     "best_value": st.best_value, "best_trial": st.best_trial,
+                     **{f"best.{k}": st.best_params.get(k) for k in keys}})
+    with open(out / "tuning.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "tuning.md").write_text(tuning_markdown(cmp, studies), encoding="utf-8")
+    plots.save(plots.tuning_figure({n: st.history for n, st in studies.items()}, st.direction,
+                                   f"{cmp.name}: tuning trials ({cmp.tune.objective.scope} {cmp.tune.objective.metric})")[0],
+               out / "tuning.png")
+
+
+def tuning_markdown(cmp: Comparison, studies: dict[str, Any]) -> str:
+    cfg = cmp.tune
+    lines = [f"# {cmp.name}: tuning", "",
+             f"Every variant: {cfg.trials} trials ({cfg.sampler}, {cfg.startup} random start-up trials, pruner "
+             f"{cfg.pruner}), each on tuning seeds {', '.join(map(str, cfg.seeds))} "
+             f"(evaluation seeds are apart), {'the scenario' + chr(39) + 's rounds' if cfg.rounds is None else f'at most {cfg.rounds} rounds'}; "
+             f"objective: {cfg.objective.optuna_direction} the {cfg.objective.metric} of the "
+             f"{'clients' + chr(39) + ' validation splits' if cfg.objective.scope == 'clients' else 'nodes' + chr(39) + ' own validation splits'} "
+             "at the trial's last evaluation. The test and shifted sets are sealed in every trial. "
+             "Studies: `tuning.db` (Optuna SQLite; `optuna-dashboard sqlite:///tuning.db`).", "",
+             "| variant | space | trials (complete / pruned / diverged) | best value | chosen |", "|---|---|---|---|---|"]
+    for name, st in studies.items():
+        space = "; ".join(f"{k}: {_space_label(v)}" for k, v in st.space.items()) or "(none)"
+        chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.best_params.items())
+        best = ("n/a (a fixed control: not tuned)" if not st.space else "n/a (no trial finished: untuned settings)") \
+            if st.best_value is None else f"{st.best_value:.4f}"
+        lines.append(f"| {name} | {space} | {st.trials} ({st.complete} / {st.pruned} / {st.diverged}) | {best} | "
+                     f"{chosen or '(defaults)'} |")
+    counts = {st.trials for st in studies.values() if st.space}  # fixed controls spend no budget by design
+    if len(counts) > 1:
+        lines += ["", f"Warning: the variants' trial counts differ ({sorted(counts)}): the budgets are not equal."]
+    return "\n".join(lines) + "\n"
+
+
+def _space_label(spec: dict[str, Any]) -> str:
+    if "choices" in spec:
+        return "{" + ", ".join(map(str, spec["choices"])) + "}"
+    kind = "log " if spec.get("log") else ""
+    return f"{kind}[{spec['low']:g}, {spec['high']:g}]" + (" (int)" if spec.get("int") else "")
 
 
 def _finished(folder: Path, marker: str) -> bool:
@@ -418,6 +664,8 @@ def run_row(o: RunOutcome, target_level: float | None, target: Target | None) ->
     train = [r for r in o.rows if r["scope"] == "train"]
     row["rounds_to_target"] = (None if target is None or target_level is None or not ok
                                else rounds_to([r for r in o.rows if r["scope"] == "global-test"], target.metric, target_level))
+    row["rounds_used"] = o.summary.get("rounds_done") if ok else None  # below the cap when stop: ended it
+    row["stopped_early"] = o.summary.get("stopped") is not None
     row["bytes_per_client_round"] = sum(node_bytes(r) for r in train) / max(len(train), 1)
     row["wall_time_s"] = o.summary.get("wall_time_s")
     return row
@@ -504,10 +752,14 @@ def markdown_report(report: dict[str, Any]) -> str:
               "test_conformal_size": "set size", "shift_conformal_coverage": "shift set coverage",
               "student_accuracy": "student accuracy", "student_ece": "student ECE",
               "test_compute_fraction": "compute", "test_compute_vs_plain": "compute vs plain",
-              "test_routing_gain": "gain over static exits"}
+              "test_routing_gain": "gain over static exits", "test_threshold_gain": "gain over threshold exits", "test_nll_ts": "NLL (TS)", "test_ece_ts": "ECE (TS)",
+              "test_temperature": "T"}
     measured = [c for c in OPTIONAL if any((row.get(c) or {}).get("mean") is not None for row in report["variants"].values())]
-    cols = list(TABLE) + measured + (["rounds_to_target"] if report.get("target") else []) + ["bytes_per_client_round", "wall_time_s"]
-    names = {**labels, "rounds_to_target": "rounds to target", "bytes_per_client_round": "kB/client/round", "wall_time_s": "wall s"}
+    stopped = any(r.get("stopped_early") for r in report.get("runs", []))
+    cols = list(TABLE) + measured + (["rounds_to_target"] if report.get("target") else []) \
+        + (["rounds_used"] if stopped else []) + ["bytes_per_client_round", "wall_time_s"]
+    names = {**labels, "rounds_to_target": "rounds to target", "rounds_used": "rounds used",
+             "bytes_per_client_round": "kB/client/round", "wall_time_s": "wall s"}
     lines = [f"# {report['name']}", "",
              "Mean ± half-width of the 95% Student-t interval over the seeds (n seeds per variant).", ""]
     lines.append("| variant | n | " + " | ".join(names[c] for c in cols) + " |")
@@ -519,7 +771,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             if c == "bytes_per_client_round" and s.get("mean") is not None:
                 s = {k: (v / 1000 if isinstance(v, float) and k != "n" else v) for k, v in s.items()}
                 cells.append(fmt_interval(s, 1))
-            elif c in ("wall_time_s", "rounds_to_target"):
+            elif c in ("wall_time_s", "rounds_to_target", "rounds_used"):
                 cells.append(fmt_interval(s, 1))
             else:
                 cells.append(fmt_interval(s))
@@ -533,7 +785,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += ["", f"## Against the reference ({report['reference']})", "",
                   "Paired over the same seeds: mean of (variant - reference) ± half-width of its 95% interval, "
                   "and the two-sided p-value of the paired t-test.", ""]
-        diff_cols = [c for c in cols if c not in ("wall_time_s",)]
+        diff_cols = [c for c in cols if c not in ("wall_time_s", "rounds_used")]
         lines.append("| variant | reference | n | " + " | ".join(f"Δ {names[c]} (p)" for c in diff_cols) + " |")
         lines.append("|---" * (len(diff_cols) + 3) + "|")
         for name, row in report["versus_reference"].items():

@@ -38,7 +38,7 @@ from fedens.scenario import Scenario, ScenarioError
 PLUGINS = "fedens_app_plugins"  # the app folder's package of copied plug-in files
 # every message type the fedens ClientApp answers (fedens.client_app)
 HANDLERS = (("train", None), ("evaluate", None), ("query", "info"), ("query", "validate"), ("query", "conformal"),
-            ("query", "gossip"))
+            ("query", "temperature"), ("query", "gossip"))
 
 
 # --------------------------------------------------------------------------- export
@@ -50,10 +50,9 @@ def export_app(scn: Scenario, folder: Path, out: str | None = None, overwrite: b
     out : the run folder on the SuperLink's machine (None: ``output.dir/<name>-<timestamp>``
         there, resolved when the run starts)."""
     from fedens.learners import resolve_learner
-    from fedens.learners.base import Learner
 
     learner = resolve_learner(scn.learner.kind, scn.base_dir)
-    if learner.prepare.__func__ is not Learner.prepare.__func__ and not _prepared(scn):
+    if learner.prepares(learner.Options.model_validate(scn.learner.options)):
         raise ScenarioError(f"{scn.source}: learner.kind: {scn.learner.kind} prepares files before the run (e.g. a "
                             "pretrained backbone), which the deployment engine has no way to ship to the SuperNodes yet; "
                             "give the prepared file (e.g. learner.backbone) as a path every SuperNode can read")
@@ -79,11 +78,6 @@ def export_app(scn: Scenario, folder: Path, out: str | None = None, overwrite: b
     (folder / "pyproject.toml").write_text("\n".join(lines), encoding="utf-8")
     (folder / "scenario.yaml").write_text(Scenario.model_validate(raw).to_yaml(), encoding="utf-8")
     return folder
-
-
-def _prepared(scn: Scenario) -> bool:
-    """The learner's preparation is already done: it was given its file (lora's ``backbone``)."""
-    return bool(scn.learner.options.get("backbone"))
 
 
 def _toml(value: Any) -> str:

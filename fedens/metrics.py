@@ -38,6 +38,14 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 METRIC_KEYS = ("accuracy", "nll", "ece", "brier")  # what classification_metrics reports, in every scope
+# Metrics where a larger value is better; every other one (losses, calibration errors) is minimised.
+HIGHER_IS_BETTER = frozenset({"accuracy", "ood_auroc", "ood_auroc_mi", "member_accuracy", "accuracy_worst",
+                              "val_accuracy", "routing_gain", "threshold_gain", "threshold_accuracy"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` is better (its name without a scope prefix or ``_min``/``_max``)."""
+    return metric in HIGHER_IS_BETTER or metric.removesuffix("_min").removesuffix("_max") in HIGHER_IS_BETTER
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> dict[str, float]:

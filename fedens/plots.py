@@ -163,6 +163,35 @@ def tradeoff_figure(variants: dict[str, dict[str, Any]], title: str = "") -> tup
     return fig, axes
 
 
+def tuning_figure(histories: dict[str, Sequence[dict[str, Any]]], direction: str, title: str = "") -> tuple[plt.Figure, Any]:
+    """Every variant's tuning trials (``fedens.tuning.StudySummary.history``): the value of each
+    finished trial (dots), the last reported value of a pruned one (crosses), and the best value
+    so far (line), against the trial's index."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    better = min if direction == "minimize" else max
+    for i, (name, history) in enumerate(histories.items()):
+        colour = f"C{i % 10}"
+        done = [(h["index"] + 1, h["value"]) for h in history if h["state"] == "complete" and h["value"] is not None]
+        pruned = [(h["index"] + 1, h["value"]) for h in history if h["state"] == "pruned" and h["value"] is not None]
+        if done:
+            ax.plot(*zip(*done), "o", color=colour, ms=4, alpha=0.7)
+            best, line = None, []
+            for x, v in sorted(done):
+                best = v if best is None else better(best, v)
+                line.append((x, best))
+            ax.step(*zip(*line), where="post", color=colour, label=name)
+        if pruned:
+            ax.plot(*zip(*pruned), "x", color=colour, ms=5, alpha=0.6)
+    ax.set_xlabel("trial (dots: finished, crosses: pruned, at their last reported value)")
+    ax.set_ylabel("objective (line: best so far)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=10)
+    if histories:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig, ax
+
+
 def has_exits(rows: Sequence[dict[str, Any]]) -> bool:
     """Whether the rows are an early-exit run's (they carry ``compute_fraction``)."""
     return any(r.get("scope") == "global-test" and "compute_fraction" in r for r in rows)

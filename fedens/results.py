@@ -181,6 +181,7 @@ class RunRecorder:
             logging.getLogger(name).addHandler(self._log_handler)
         self._board = TensorBoard(self.dir / "tensorboard") if scn.output.tensorboard else None
         self.engine: dict[str, Any] | None = None  # set by the run: fedens.simulate.Engine.describe()
+        self.stopped: dict[str, Any] | None = None  # set when ``stop:`` ended the run early (round, metric, why)
         self.write_summary("running")
 
     def record_reliability(self, bins: Mapping[str, Any], label: str) -> None:
@@ -232,6 +233,8 @@ class RunRecorder:
             "seed": self.scn.seed,
             "rounds": self.scn.rounds,
             "rounds_done": max((r["round"] for r in self.rows), default=-1),
+            # early stopping (``stop:``): where and why the run ended before the rounds cap; None: it did not
+            "stopped": self.stopped,
             "resumed": self.resumed,
             "pid": os.getpid(),
             "host": socket.gethostname(),

@@ -90,6 +90,19 @@ class ShiftConfig(_Strict):
     severity: int = Field(3, ge=1, le=5)
 
 
+class OodConfig(_Strict):
+    """The out-of-distribution set of the OOD AUROC, as many inputs as the test set
+    (docs/methods.md#ood-sets).
+
+    ``auto``: the dataset's own OOD set where it declares one (digits: MNIST-1D signals as 8x8
+    images; mnist1d: blank signals of its generator; synthetic: new classes), else ``noise``.
+    ``noise``: standard-normal noise in the standardised input space (fedens' only set before).
+    ``dataset``: the dataset's own set, an error for a dataset that declares none.
+    """
+
+    kind: Literal["auto", "noise", "dataset"] = "auto"
+
+
 class DataConfig(_Strict):
     dataset: str = "digits"
     params: dict[str, Any] = Field(default_factory=dict, description="options of the dataset")
@@ -101,6 +114,7 @@ class DataConfig(_Strict):
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="of each client's partition")
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    ood: OodConfig = Field(default_factory=OodConfig, description="the OOD set of the OOD AUROC")
 
 
 # --------------------------------------------------------------------------- model and training
@@ -166,6 +180,28 @@ class EvaluateConfig(_Strict):
     )
     conformal: ConformalConfig | None = Field(
         None, description="calibrate prediction sets on the clients' validation splits at every evaluation; None: off")
+    temperature: Literal["final", "every", "off"] = Field(
+        "final", description="temperature scaling of the global predictive, fitted on the clients' validation splits "
+        "(gossip: each node on its own): rows gain temperature, nll_ts, ece_ts at the final evaluation, at every one, or never")
+    test_sets: bool = Field(
+        True, description="evaluate on the global test, shifted and OOD sets; false (as while tuning): the run never "
+        "reads them and reports only the clients' validation metrics")
+
+
+class StopConfig(_Strict):
+    """Early stopping under the ``rounds`` cap: the run ends at the first evaluated round ``r >=
+    min_rounds`` whose ``scope`` metric has not improved (by more than ``min_delta``) on its best
+    value for ``patience`` rounds, i.e. the best was reached at a round ``<= r - patience``. That
+    round's model is the run's final one (docs/comparisons.md#early-stopping)."""
+
+    metric: str = Field("nll", min_length=1, description="a metric of the scope's rows (e.g. nll, accuracy, train_loss)")
+    scope: Literal["clients", "nodes-val", "train"] = Field(
+        "clients", description="clients: the clients' validation splits (federated); nodes-val: the nodes' own (gossip); "
+        "train: the training loss")
+    direction: Literal["minimize", "maximize"] | None = Field(None, description="None: maximize accuracy-like metrics")
+    patience: int = Field(10, ge=1, le=1_000_000, description="rounds without improvement before stopping")
+    min_rounds: int = Field(0, ge=0, le=1_000_000, description="never stop before this round")
+    min_delta: float = Field(0.0, ge=0, description="an improvement must exceed this")
 
 
 class ResourcesConfig(_Strict):
@@ -269,6 +305,7 @@ class Scenario(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    stop: StopConfig | None = Field(None, description="early stopping on a validation metric under the rounds cap; None: off")
     distill: DistillConfig | None = Field(
         None, description="federated: distil the global model into one network (scopes global-*-student); None: off")
     round_timeout_s: float | None = Field(
@@ -279,6 +316,16 @@ class Scenario(_Strict):
     gossip: GossipConfig = Field(default_factory=GossipConfig)
     # Where the scenario came from: plug-in paths are resolved against its folder.
     source: str = Field("<scenario>", exclude=True)
+
+    @model_validator(mode="after")
+    def _stop_scope(self) -> Scenario:
+        if self.stop is not None:
+            wanted = {"federated": ("clients", "train"), "decentralized": ("nodes-val", "train")}[self.mode]
+            if self.stop.scope not in wanted:
+                raise ValueError(f"stop.scope: {self.stop.scope!r} has no rows in {self.mode} mode; use one of {', '.join(wanted)}")
+            if self.stop.scope != "train" and self.data.val_fraction == 0:
+                raise ValueError("stop: the clients have no validation split (data.val_fraction is 0)")
+        return self
 
     @property
     def evaluation_rounds(self) -> frozenset[int]:

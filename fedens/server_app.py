@@ -21,6 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedens import calibration as temperature_scaling
+from fedens import stopping
 from fedens.checkpoint import ResumeState, restore_rng, rng_states
 from fedens.conformal import qoq_threshold, set_metrics, split_quantile
 from fedens.checkpoint import save as save_checkpoint
@@ -42,6 +44,7 @@ from fedens.metrics import (
 from fedens.payload import from_record, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import LearnerConfig, Scenario
+from fedens.sealed import seal
 from fedens.seeding import derive_seed, seeded_generator
 from fedens.strategies import build_strategy, resolve_strategy
 from fedens.strategies.base import REJECTED_KEY, round_facts
@@ -83,6 +86,8 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
                  resume: ResumeState | None = None) -> None:
     """Build (or restore) the strategy and the global model, and run the rounds."""
     server_data = load_server_data(scn.data, scn.seed)
+    if not scn.evaluate.test_sets:  # e.g. a tuning trial: any read of a held-out set fails the run
+        server_data = seal(server_data)
     torch.manual_seed(derive_seed(scn.seed, 0))  # the initial global model
     learner = build_learner(scn, server_data.input_shape, server_data.num_classes, torch.device("cpu"))
 
@@ -115,6 +120,9 @@ def run_strategy(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Rou
         evaluator.restore_student(resume.student)
     if type(strategy).start is not Strategy.start and not hasattr(strategy, "begin"):
         # a user's strategy with a loop of its own runs it (without resume)
+        if scn.stop is not None:
+            raise ValueError(f"stop: {type(strategy).__name__} runs its own round loop (Strategy.start), which fedens "
+                             "cannot end early; remove stop or let fedens run the rounds")
         strategy.start(grid=fgrid, initial_arrays=arrays, num_rounds=scn.rounds, train_config=ConfigRecord(),
                        evaluate_config=ConfigRecord(), evaluate_fn=evaluator)
         return
@@ -142,6 +150,8 @@ def run_rounds(strategy: Strategy, grid: FedensGrid, arrays: ArrayRecord, first:
                                         timeout=grid.timeout)
         strategy.aggregate_evaluate(current, replies)
         evaluate_fn(current, arrays, round_facts(train_metrics))
+        if evaluate_fn.stopped:  # ``stop:``: the validation metric has plateaued
+            break
 
 
 class RoundEvaluator:
@@ -163,6 +173,7 @@ class RoundEvaluator:
         self.recorder, self.on_round, self.strategy = recorder, on_round, strategy
         self.rounds = scn.evaluation_rounds
         self.student: Learner | None = None  # ``distill``: the single network the global model is distilled into
+        self.stopped = False  # ``stop:`` ended the run at this round
 
     def __call__(self, server_round: int, arrays: ArrayRecord, facts: dict[str, Any] | None = None) -> MetricRecord | None:
         """``facts``: what the strategy returned about the round (``fedens.strategies.base.with_facts``),
@@ -191,13 +202,22 @@ class RoundEvaluator:
         if blown is not None:
             self.recorder.write_rows(rows)
             raise blown
+        # ``stop:``: has the validation metric plateaued? (fedens.stopping; recorded in the summary)
+        if server_round > 0:
+            self.recorder.stopped = stopping.check(self.scn.stop, [*self.recorder.rows, *rows], server_round, self.scn.rounds)
+        self.stopped = self.recorder.stopped is not None
+        final = server_round == self.scn.rounds or self.stopped
         result = None
-        if server_round in self.rounds:
+        if server_round in self.rounds or self.stopped:
             self.learner.set_arrays(named)
             try:
-                test = self.evaluate_set("global-test", server_round, now, final=server_round == self.scn.rounds,
-                                         calibration=calibration)
-                rows += [test, self.evaluate_set("global-shift", server_round, now, calibration=calibration)]
+                if self.scn.evaluate.test_sets:
+                    temperature = self.fit_temperature(server_round, arrays, final)
+                    test = self.evaluate_set("global-test", server_round, now, final=final, calibration=calibration,
+                                             temperature=temperature)
+                    rows += [test, self.evaluate_set("global-shift", server_round, now, calibration=calibration,
+                                                     temperature=temperature)]
+                    result = MetricRecord({k: test[k] for k in METRIC_KEYS if test.get(k) is not None})
                 if self.scn.distill is not None:
                     rows += self.distil(server_round, now)
             except Diverged:
@@ -205,19 +225,52 @@ class RoundEvaluator:
                 raise
             if self.scn.output.checkpoint:
                 self.recorder.save_checkpoint(named, server_round)
-            result = MetricRecord({k: test[k] for k in METRIC_KEYS if test.get(k) is not None})
         self.recorder.write_rows(rows)
         log.info("round %d: %s", server_round, rows)
         if self.on_round is not None:
             self.on_round(server_round, rows)
         every = self.scn.output.checkpoint_every
-        if server_round > 0 and every and server_round % every == 0 and server_round < self.scn.rounds:
+        if server_round > 0 and every and server_round % every == 0 and not final:
             save_checkpoint(self.recorder.dir, ResumeState(
                 round=server_round, rows=len(self.recorder.rows), arrays=named, strategy=self.strategy,
                 node_states=self.grid.node_states(), rng=rng_states(), reliability=self.recorder.reliability,
                 student=None if self.student is None else self.student.get_arrays()))
         self.grid.begin_round(server_round + 1)
         return result
+
+    def fit_temperature(self, server_round: int, arrays: ArrayRecord, final: bool) -> float | None:
+        """``evaluate.temperature``: the temperature of the global predictive that minimises the
+        NLL summed over the clients' validation splits (``fedens.calibration``): each client
+        returns three sums per asked temperature (``query.temperature``), never its data. The
+        clients are all of them, or a seeded sample of ``evaluate.max_clients``. Its messages
+        are measurement, not the method's traffic: their bytes are not counted. None when off
+        at this round or no client has validation data."""
+        mode = self.scn.evaluate.temperature
+        if mode == "off" or (mode == "final" and not final) or self.scn.data.val_fraction == 0:
+            return None
+        nodes = self.grid.get_node_ids()
+        cap = self.scn.evaluate.max_clients
+        if cap is not None and len(nodes) > cap:
+            rng = np.random.default_rng(derive_seed(self.scn.seed, server_round, _TEMPERATURE_TAG))
+            nodes = [nodes[i] for i in sorted(rng.choice(len(nodes), cap, replace=False))]
+
+        def sums(betas: np.ndarray) -> temperature_scaling.Sums:
+            messages = [Message(RecordDict({"arrays": arrays, "temperature": ConfigRecord({"betas": [float(b) for b in betas]})}),
+                                message_type="query.temperature", dst_node_id=node) for node in nodes]
+            replies = [r.content["temperature"] for r in self.grid.send_and_receive(messages, timeout=self.grid.timeout)
+                       if not r.has_error()]
+            replies = [c for c in replies if int(c["n"]) > 0]  # partition-id order (the grid sorts): a fixed sum
+            if not replies:
+                raise _NoValidation
+            return tuple(np.sum([np.asarray(c[k], dtype=np.float64) for c in replies], axis=0)
+                         for k in ("loss", "grad", "hess"))  # type: ignore[return-value]
+
+        with self.grid.off_the_books():
+            try:
+                temperature, _ = temperature_scaling.fit_temperature(sums)
+            except _NoValidation:
+                return None
+        return temperature
 
     def calibrate(self, server_round: int, arrays: ArrayRecord) -> Calibration | None:
         """``evaluate.conformal``: every client scores the global predictive on its validation
@@ -271,10 +324,12 @@ class RoundEvaluator:
         self.student.set_arrays(arrays)
 
     def evaluate_set(self, scope: str, server_round: int, now: float, final: bool = False,
-                     calibration: Calibration | None = None, learner: Learner | None = None) -> dict[str, Any]:
+                     calibration: Calibration | None = None, learner: Learner | None = None,
+                     temperature: float | None = None) -> dict[str, Any]:
         """Metrics of the global model on the test or the shifted set; on the test set also the
-        OOD AUROC against noise inputs, by predictive entropy and by mutual information; with a
-        calibration, the conformal sets' coverage and mean size."""
+        OOD AUROC, by predictive entropy and by mutual information; with a calibration, the
+        conformal sets' coverage and mean size; with a temperature (fitted on the clients'
+        validation splits), ``temperature``, ``nll_ts``, ``ece_ts`` and ``brier_ts``."""
         learner = self.learner if learner is None else learner
         on_test = scope.startswith("global-test")
         ds = self.data.test if on_test else self.data.shift
@@ -294,8 +349,11 @@ class RoundEvaluator:
             scores_out = uncertainty_scores(predict_dataset(learner, self.data.ood, self.scn.evaluate.batch_size), weights)
             metrics["ood_auroc"] = ood_auroc(scores_in["entropy"], scores_out["entropy"])
             metrics["ood_auroc_mi"] = ood_auroc(scores_in["mutual_information"], scores_out["mutual_information"])
+            metrics["ood_set"] = self.data.ood_kind  # which inputs (data.ood): the dataset's own set or noise
         if calibration is not None:
             metrics.update(calibration.row(probs, labels, self.scn.evaluate.conformal.score, scope == "global-test"))
+        if temperature is not None:
+            metrics.update(temperature_scaling.scaled_metrics(probs, labels, temperature, self.scn.evaluate.n_bins))
         if final:
             self.recorder.record_reliability(reliability_bins(probs, labels, self.scn.evaluate.n_bins),
                                              "final global model, test set")
@@ -327,6 +385,11 @@ class Calibration:
 
 
 _STUDENT_TAG = 2**33  # the student's seed stream, apart from clients (partition ids) and evaluation
+_TEMPERATURE_TAG = 2**33 + 1  # the sample of clients that fit the temperature
+
+
+class _NoValidation(Exception):
+    """No client that answered has validation data."""
 
 
 def train_row(traffic: RoundTraffic) -> dict[str, Any]:

@@ -64,8 +64,15 @@ class IvonAdmm(FedensStrategy):
         super().__init__(**kwargs)
         self.duals: dict[int, Arrays] = {}  # partition id -> {DUAL_MEAN + n: v_k, DUAL_PREC + n: V_k}
 
+    def start(self, grid: Any, initial_arrays: Any, num_rounds: int = 3, timeout: float = 3600, **kwargs: Any) -> Any:
+        self._num_rounds = num_rounds  # Flower's own loop (outside fedens): the rounds of the clients' schedule
+        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+
     def train_config(self, server_round: int) -> dict[str, Any]:
-        return IvonAdmmTerm.message_config(self.options)
+        options, rounds = self.options, self.ctx.scenario.rounds if self.ctx is not None else getattr(self, "_num_rounds", None)
+        if options.rounds is None and rounds is not None:  # the clients' cosine schedule runs over the run's rounds
+            options = options.model_copy(update={"rounds": rounds})
+        return IvonAdmmTerm.message_config(options)
 
     def outgoing(self, server_round: int, arrays: Arrays) -> Arrays:
         if server_round > 1:

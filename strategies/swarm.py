@@ -177,7 +177,7 @@ class SwarmStrategy(FedensStrategy):
             "swarm_member_index": [int(labels[i][1]) for i in members],
             "swarm_slots": [int(n) for n in counts],
         }
-        if self.ctx is not None:  # measurement only: does the ensemble beat every client's own model?
+        if self.ctx is not None and self.ctx.scenario.evaluate.test_sets:  # measurement only: does the ensemble beat every client's own model?
             facts.update(self.client_test_accuracy(records))
         self.history.append({"round": server_round, **facts})
         log.info("swarm round %d: %s", server_round, facts)

@@ -19,3 +19,20 @@ def write_yaml(tmp_path: Path):
         return path
 
     return _write
+
+
+def leaves_global_random_state(make):
+    """``make()``'s result, asserting it left numpy's and Python's global random state as it
+    found them (seeded generators only; a maker that reseeds globally must undo it)."""
+    import random
+
+    import numpy as np
+
+    np.random.seed(123)
+    random.seed(123)
+    before = (np.random.random(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    out = make()
+    assert (np.random.random(), random.random()) == before
+    return out

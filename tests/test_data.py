@@ -18,6 +18,7 @@ from fedens.data import (
 from fedens.data import federated
 from fedens.data.shift import rotate
 from fedens.scenario import DataConfig, PathologicalPartition
+from tests.conftest import leaves_global_random_state
 
 
 def load(name: str, seed: int = 0, **params) -> ArrayDataset:
@@ -345,19 +346,11 @@ def test_stratified_split_equals_the_reference_implementation():
 
 
 def test_mnist1d_is_the_packages_generator_without_touching_global_random_state():
-    import random
-
     from mnist1d.data import get_dataset_args, make_dataset
 
     from fedens.data.datasets import Mnist1dOptions, load_mnist1d
 
-    np.random.seed(123)
-    random.seed(123)
-    before = (np.random.random(), random.random())
-    np.random.seed(123)
-    random.seed(123)
-    ds = load_mnist1d(Mnist1dOptions(num_samples=500), 0)
-    assert (np.random.random(), random.random()) == before  # the generator's global seeding is undone
+    ds = leaves_global_random_state(lambda: load_mnist1d(Mnist1dOptions(num_samples=500), 0))  # its global seeding undone
     assert ds.x.shape == (500, 1, 40) and ds.x.dtype == np.float32
     np.testing.assert_array_equal(np.bincount(ds.y), [50] * 10)
     args = get_dataset_args()

@@ -64,6 +64,16 @@ def test_bad_exports_are_refused(tmp_path: Path) -> None:
     assert (tmp_path / "full" / "x.txt").read_text() == "mine"
 
 
+def test_only_options_that_make_a_file_are_refused(tmp_path: Path) -> None:
+    base = {"name": "t", "data": {"dataset": "digits", "num_clients": 2, "server_fraction": 0.2}}
+    plain = fedens.load({**base, "learner": {"kind": "deep_ensemble", "members": 2}})
+    assert (export_app(plain, tmp_path / "plain") / "pyproject.toml").is_file()  # nothing to prepare
+    pretrained = fedens.load({**base, "model": {"kind": "vit"},
+                              "learner": {"kind": "deep_ensemble", "members": 2, "backbone": "pretrained"}})
+    with pytest.raises(ScenarioError, match="prepares files before the run"):
+        export_app(pretrained, tmp_path / "pretrained")
+
+
 def test_arrays_travel_as_flowers_own_array() -> None:
     """A SuperLink inflates only Flower's classes: fedens' fast Array must deflate as ``Array``."""
     a = to_array(np.arange(6, dtype=np.float32).reshape(2, 3))

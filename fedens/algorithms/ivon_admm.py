@@ -15,10 +15,12 @@ docstring (``fedens.strategies.ivon_admm``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from fedens.algorithms.arrays import Arrays
 from fedens.objectives import IVONSetup, Objective, register
@@ -36,6 +38,16 @@ class IvonAdmmOptions(Options):
     prior_precision: float = Field(0.1, gt=0, allow_inf_nan=False, description="prior precision S_0")
     rescale_lr: bool = Field(False, description="IVON's step scaled by hess_init + δ (off: the reference's)")
     min_precision: float = Field(1e-6, gt=0, allow_inf_nan=False, description="floor of the global precision")
+    rounds: int | None = Field(None, ge=1, description="the run's rounds, T of the clients' cosine learning-rate "
+                                                       "schedule (null: the scenario's, filled in by the strategy)")
+
+
+@dataclass(frozen=True)
+class IvonAdmmSetup(IVONSetup):
+    """``IVONSetup`` plus the run's rounds, the T of the ``ivon`` learner's cosine schedule
+    (``schedule_rounds: null``); ``None`` when the strategy did not know them."""
+
+    rounds: int | None = None
 
 
 @register
@@ -49,6 +61,12 @@ class IvonAdmmTerm(Objective):
     name = "ivon_admm"
     Options = IvonAdmmOptions
 
+    @classmethod
+    def message_config(cls, options: BaseModel) -> dict[str, Any]:
+        """As ``Objective.message_config``, without the options left at ``None`` (``rounds``
+        when the strategy did not know them): a Flower ConfigRecord holds no ``None``."""
+        return {k: v for k, v in super().message_config(options).items() if v is not None}
+
     def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.zeros((), device=self.device)
 
@@ -60,7 +78,7 @@ class IvonAdmmTerm(Objective):
                                 dtype=np.float64).ravel() for n in names]
             return torch.as_tensor(np.concatenate(parts), dtype=torch.float32, device=self.device)
 
-        return IVONSetup(
+        return IvonAdmmSetup(
             ess=scale / self.options.rho,
             prior_mean=flat(MEAN, self.global_arrays),
             prior_precision=flat(PRECISION, self.global_arrays),
@@ -68,6 +86,7 @@ class IvonAdmmTerm(Objective):
             V_tilde=flat(DUAL_PREC, self.state) / scale,
             start_at_prior=self.server_round > 1,
             rescale_lr=self.options.rescale_lr,
+            rounds=self.options.rounds,
         )
 
     def after_fit(self, trained: Arrays) -> Arrays:

@@ -1,10 +1,10 @@
-"""Data: the dataset registry, partitioning over clients, covariate shift, and the cached
-federated build every Ray actor reads its client's data from."""
+"""Data: the dataset registry, partitioning over clients, covariate shift, the OOD sets, and the
+cached federated build every Ray actor reads its client's data from."""
 
 from __future__ import annotations
 
 from fedens.data import datasets as _datasets  # noqa: F401  (registers the built-in datasets)
-from fedens.data.base import DATASETS, ArrayDataset, DatasetOptions, DatasetSpec
+from fedens.data.base import DATASETS, ArrayDataset, DatasetOptions, DatasetSpec, OodSpec
 from fedens.data.federated import (
     ClientData,
     FederatedData,
@@ -20,6 +20,7 @@ __all__ = [
     "ArrayDataset",
     "DatasetOptions",
     "DatasetSpec",
+    "OodSpec",
     "DATASETS",
     "ClientData",
     "ServerData",

@@ -1,8 +1,14 @@
-"""The built-in datasets: ``digits``, ``synthetic``, ``image_folder`` and ``hf_disk``.
+"""The built-in datasets: ``digits``, ``synthetic``, ``mnist1d``, ``image_folder`` and ``hf_disk``.
 
 Every loader returns the whole dataset at raw scale (standardisation happens later, from the
 training pool only) and never downloads anything. Images come out as float32 ``(n, C, H, W)``
 in [0, 1]; vectors as float32 ``(n, F)``.
+
+``digits``, ``mnist1d`` and ``synthetic`` declare their own OOD set (``OodSpec``, used by
+``data.ood.kind: auto``), chosen because a trained network's predictive entropy tells it from the
+test set (docs/methods.md#ood-sets): MNIST-1D signals as 8x8 images for ``digits``, MNIST-1D's
+generator without a digit ("blank signals") for ``mnist1d``, a mixture of new classes for
+``synthetic``. ``image_folder`` and ``hf_disk`` declare none (``auto`` gives the noise set).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from PIL import Image
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from fedens.data.base import DATASETS, ArrayDataset, DatasetOptions, DatasetSpec
+from fedens.data.base import DATASETS, ArrayDataset, DatasetOptions, DatasetSpec, OodSpec, standardise_set
 
 
 def _image_array(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
@@ -30,6 +36,18 @@ def _image_array(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
 
 def _image_shape(o: Any) -> tuple[int, ...]:
     return (1 if o.grayscale else 3, o.image_size, o.image_size)
+
+
+def resample(x: np.ndarray, length: int) -> np.ndarray:
+    """Rows of ``x`` ``(n, L)`` linearly interpolated to ``length`` points ``(n, length)``, the
+    first and last points kept (``np.interp`` on ``linspace(0, L - 1, length)``), float32."""
+    n, L = x.shape
+    if L == 1:
+        return np.repeat(x, length, axis=1).astype(np.float32)
+    pos = np.linspace(0.0, L - 1, length)
+    lo = np.minimum(np.floor(pos).astype(np.int64), L - 2)
+    w = pos - lo
+    return (x[:, lo] * (1 - w) + x[:, lo + 1] * w).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- digits
@@ -56,7 +74,17 @@ def load_digits(o: DigitsOptions, seed: int) -> ArrayDataset:
     return ArrayDataset(x, table[:, 64].astype(np.int64))
 
 
-DATASETS.add("digits", DatasetSpec(DigitsOptions, load_digits, lambda o: (1, 8, 8), lambda o: 10))
+def ood_digits(o: DigitsOptions, n: int, seed: int) -> np.ndarray:
+    """``n`` MNIST-1D signals (the generator's default options, generator seed ``seed``) as 8x8
+    images ``(n, 1, 8, 8)``: each length-40 signal linearly resampled to 64 points, laid out row
+    by row, and the set standardised (``standardise_set``). Another embedded dataset mapped to
+    this one's input shape: a digit-classifier has seen nothing like it."""
+    signals = load_mnist1d(Mnist1dOptions(num_samples=max(20, -(-n // 10) * 10), seed=seed), seed).x[:n, 0]
+    return standardise_set(resample(signals, 64).reshape(n, 1, 8, 8))
+
+
+DATASETS.add("digits", DatasetSpec(DigitsOptions, load_digits, lambda o: (1, 8, 8), lambda o: 10,
+                                   ood=OodSpec("mnist1d-as-8x8", ood_digits)))
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -94,7 +122,19 @@ def load_synthetic(o: SyntheticOptions, seed: int) -> ArrayDataset:
     return ArrayDataset(x.astype(np.float32).reshape(-1, *_synthetic_shape(o)), y.astype(np.int64))
 
 
-DATASETS.add("synthetic", DatasetSpec(SyntheticOptions, load_synthetic, _synthetic_shape, lambda o: o.num_classes))
+def ood_synthetic(o: SyntheticOptions, n: int, seed: int) -> np.ndarray:
+    """``n`` inputs of new classes: ``num_classes`` fresh class means drawn from the same prior
+    (``N(0, I) * separation``), unit-variance noise around them, classes balanced to within one,
+    the set standardised (``standardise_set``)."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((o.num_classes, o.num_features)) * o.separation
+    y = rng.permutation(np.arange(n) % o.num_classes)
+    x = means[y] + rng.standard_normal((n, o.num_features))
+    return standardise_set(x.astype(np.float32).reshape(-1, *_synthetic_shape(o)))
+
+
+DATASETS.add("synthetic", DatasetSpec(SyntheticOptions, load_synthetic, _synthetic_shape, lambda o: o.num_classes,
+                                      ood=OodSpec("new-classes", ood_synthetic)))
 
 
 # --------------------------------------------------------------------------- mnist1d
@@ -115,29 +155,50 @@ class Mnist1dOptions(DatasetOptions):
     shuffle_seq: bool = Field(False, description="permute the 40 positions (destroys locality)")
 
 
-def load_mnist1d(o: Mnist1dOptions, seed: int) -> ArrayDataset:
-    """``(n, 1, 40)`` float32 signals (one channel, for 1-D convolutions) and labels 0..9; the
-    package's train and test parts together (fedens makes its own stratified test split). The
+def _mnist1d_generate(o: Mnist1dOptions, num_samples: int, seed: int, template: dict | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``mnist1d`` package's ``make_dataset`` with ``o``'s noise and shuffle options:
+    signals ``(num_samples, 40)`` float64 and labels, train and test parts together. The
     generator seeds NumPy's and Python's global random states; they are restored afterwards."""
     import random
 
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    for key in ("num_samples", "seed", "iid_noise_scale", "corr_noise_scale", "shuffle_seq"):
+    for key in ("iid_noise_scale", "corr_noise_scale", "shuffle_seq"):
         setattr(args, key, getattr(o, key))
+    args.num_samples, args.seed = num_samples, seed
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        d = make_dataset(args)
+        d = make_dataset(args, template)
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    x = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)[:, None, :]
-    y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
-    return ArrayDataset(x, y)
+    return np.concatenate([d["x"], d["x_test"]]), np.concatenate([d["y"], d["y_test"]])
 
 
-DATASETS.add("mnist1d", DatasetSpec(Mnist1dOptions, load_mnist1d, lambda o: (1, 40), lambda o: 10))
+def load_mnist1d(o: Mnist1dOptions, seed: int) -> ArrayDataset:
+    """``(n, 1, 40)`` float32 signals (one channel, for 1-D convolutions) and labels 0..9; the
+    package's train and test parts together (fedens makes its own stratified test split). The
+    generator seeds NumPy's and Python's global random states; they are restored afterwards."""
+    x, y = _mnist1d_generate(o, o.num_samples, o.seed)
+    return ArrayDataset(x.astype(np.float32)[:, None, :], y.astype(np.int64))
+
+
+def ood_mnist1d(o: Mnist1dOptions, n: int, seed: int) -> np.ndarray:
+    """``n`` blank signals ``(n, 1, 40)``: MNIST-1D's own generator (padding, scaling,
+    translation, correlated and white noise, shear, subsampling; ``o``'s noise and shuffle
+    options, generator seed ``seed``) run on a flat template, i.e. MNIST-1D without a digit,
+    the set standardised (``standardise_set``)."""
+    from mnist1d.data import get_templates
+
+    flat = {"x": np.zeros((1, 12)), "t": get_templates()["t"], "y": np.zeros(1, np.int64)}
+    x, _ = _mnist1d_generate(o, n, seed, flat)
+    return standardise_set(x.astype(np.float32)[:, None, :])
+
+
+DATASETS.add("mnist1d", DatasetSpec(Mnist1dOptions, load_mnist1d, lambda o: (1, 40), lambda o: 10,
+                                    ood=OodSpec("blank-signals", ood_mnist1d)))
 
 
 # --------------------------------------------------------------------------- image_folder

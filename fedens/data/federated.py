@@ -8,7 +8,8 @@
      partition what remains over ``num_clients`` clients (``data.partition``);
   4. split each client's share into train and validation (``val_fraction``, stratified);
   5. standardise every input with per-channel mean/std of the non-test pool;
-  6. make the shifted test set (``data.shift.severity``).
+  6. make the shifted test set (``data.shift.severity``);
+  7. make the OOD set (``data.ood``): the dataset's own (``DatasetSpec.ood``) or noise.
 Same (config, seed) -> identical arrays; another seed -> another test split and partition.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedens.data.base import DATASETS, ArrayDataset
+from fedens.data.base import DATASETS, ArrayDataset, DatasetSpec
 from fedens.data.partition import partition_indices
 from fedens.data.shift import shift_dataset
 from fedens.scenario import DataConfig
@@ -39,9 +40,10 @@ class ClientData:
 class ServerData:
     """The global held-out ``test`` set, its covariate-shifted copy ``shift`` (same labels), the
     server-held ``public`` split (labelled; empty unless ``server_fraction`` > 0; a strategy that
-    treats it as unlabelled ignores ``y``), ``ood`` noise inputs for the out-of-distribution
-    AUROC, and the facts a model needs: ``num_classes`` and
-    ``input_shape`` (one input, without batch axis)."""
+    treats it as unlabelled ignores ``y``), the ``ood`` inputs for the out-of-distribution
+    AUROC (as many as the test set, labels all 0 and meaningless) and which set they are,
+    ``ood_kind`` (``"noise"`` or the dataset's ``OodSpec.name``, e.g. ``"blank-signals"``), and
+    the facts a model needs: ``num_classes`` and ``input_shape`` (one input, without batch axis)."""
 
     test: ArrayDataset
     shift: ArrayDataset
@@ -49,6 +51,7 @@ class ServerData:
     input_shape: tuple[int, ...]
     public: ArrayDataset
     ood: ArrayDataset
+    ood_kind: str = "noise"
 
 
 class ClientSplits(Sequence[ClientData]):
@@ -186,12 +189,31 @@ def _build(cfg: DataConfig, seed: int) -> FederatedData:
         val.append(idx[va])
 
     test_ds = _take(data, test)
-    # Out-of-distribution inputs for the OOD AUROC: standard-normal noise in the standardised
-    # input space, as many as the test set. Their labels are meaningless (all 0).
-    noise = np.random.default_rng([seed, 3]).standard_normal((len(test_ds), *shape)).astype(np.float32)
-    ood = ArrayDataset(noise, np.zeros(len(test_ds), np.int64))
-    server = ServerData(test_ds, shift_dataset(test_ds, cfg.shift.severity, seed), num_classes, shape, _take(data, public), ood)
+    ood_kind, ood_x = ood_inputs(cfg, spec, opts, len(test_ds), shape, seed)
+    ood = ArrayDataset(ood_x, np.zeros(len(test_ds), np.int64))
+    server = ServerData(test_ds, shift_dataset(test_ds, cfg.shift.severity, seed), num_classes, shape,
+                        _take(data, public), ood, ood_kind)
     return FederatedData(server, ClientSplits(data.x, data.y, train, val))
+
+
+def ood_inputs(cfg: DataConfig, spec: DatasetSpec, opts: object, n: int, shape: tuple[int, ...],
+               seed: int) -> tuple[str, np.ndarray]:
+    """The OOD set of ``cfg.ood`` (``kind``, float32 inputs ``(n, *shape)``) at ``seed``.
+
+    ``noise``, and ``auto`` for a dataset without an ``OodSpec``: standard-normal noise in the
+    standardised input space (stream ``[seed, 3]``). Otherwise the dataset's own set, made with
+    the generator seed drawn from stream ``[seed, 4]`` (no other draw uses these streams)."""
+    if cfg.ood.kind == "dataset" and spec.ood is None:
+        raise ValueError(f"data.ood.kind: dataset {cfg.dataset!r} declares no OOD set of its own; "
+                         "use auto (noise for it) or noise")
+    if cfg.ood.kind == "noise" or spec.ood is None:
+        return "noise", np.random.default_rng([seed, 3]).standard_normal((n, *shape)).astype(np.float32)
+    x = spec.ood.make(opts, n, int(np.random.default_rng([seed, 4]).integers(2**31)))
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.shape != (n, *shape) or not np.isfinite(x).all():
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"data.ood: dataset {cfg.dataset!r}'s OOD set {spec.ood.name!r} gave {got}, "
+                         f"needs finite float32 {(n, *shape)}")
+    return spec.ood.name, x
 
 
 def _cfg_json(cfg: DataConfig) -> str:
@@ -212,6 +234,8 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     if (hit := _CACHE.get(key)) is None:
         hit = _build(cfg, seed)
         install(cfg, seed, hit)
+    else:
+        _CACHE.move_to_end(key)  # least recently *used* goes first, not least recently built
     return hit
 
 

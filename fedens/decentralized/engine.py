@@ -64,6 +64,7 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedens import calibration, stopping
 from fedens.checkpoint import ResumeState, restore_rng, rng_states
 from fedens.conformal import set_metrics
 from fedens.checkpoint import save as save_checkpoint
@@ -80,6 +81,7 @@ from fedens.metrics import METRIC_KEYS, classification_metrics, predictive, reli
 from fedens.payload import from_record, record_nbytes, to_record
 from fedens.results import RunRecorder
 from fedens.scenario import Scenario
+from fedens.sealed import seal
 from fedens.seeding import derive_seed
 
 log = logging.getLogger("fedens")
@@ -191,31 +193,43 @@ class GossipMeter:
     def now(self) -> float:
         return round(time.time() - self.recorder.started, 3)
 
-    def evaluation_rows(self, server_round: int, models: list[Arrays], val: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
+    def evaluation_rows(self, server_round: int, models: list[Arrays], val: dict[int, dict[str, float]],
+                        final: bool = False) -> list[dict[str, Any]]:
         scn, now = self.scn, self.now()
         rows = []
-        for tag, (scope, ds) in enumerate((("global-test", self.data.test), ("global-shift", self.data.shift))):
+        held_out = (("global-test", self.data.test), ("global-shift", self.data.shift)) if scn.evaluate.test_sets else ()
+        for tag, (scope, ds) in enumerate(held_out):
             per_node, probs = evaluate_nodes(self.learner, models, ds, scn.seed, server_round, tag,
                                              scn.evaluate.n_bins, scn.evaluate.batch_size)
+            per_node.update(self.scaled(probs, ds, val, final))
             rows.append({"round": server_round, "scope": scope, "time_s": now, **summarise(per_node),
                          "num_examples": len(ds), "nodes": len(models), **self.conformal(probs, ds, val)})
             if scope == "global-test":
                 self.last_accuracy = per_node["accuracy"]
-                if server_round == scn.rounds:  # a random node's calibration: all nodes' predictions pooled
+                if final:  # a random node's calibration: all nodes' predictions pooled
                     labels = torch.from_numpy(ds.y).repeat(len(models))
                     pooled = probs.reshape(-1, probs.shape[-1])
                     self.recorder.record_reliability(reliability_bins(pooled, labels, scn.evaluate.n_bins),
                                                      "every node's final model, test set, pooled")
         if val:
-            pids = sorted(val)
-            keys = [k for k in METRIC_KEYS if all(f"val_{k}" in val[p] for p in pids)]
-            per_node = {k: [val[p][f"val_{k}"] for p in pids] for k in keys}
-            rows.append({"round": server_round, "scope": "nodes-val", "time_s": now, **summarise(per_node),
-                         "nodes": pids})
+            rows.append(nodes_val_row(server_round, now, val))
         if scn.output.checkpoint:
             self.recorder.save_checkpoint(
                 {f"node.{pid}.{name}": a for pid, m in enumerate(models) for name, a in m.items()}, server_round)
         return rows
+
+    def scaled(self, probs: torch.Tensor, ds: ArrayDataset, val: dict[int, dict[str, float]], final: bool) -> dict[str, list[float]]:
+        """``evaluate.temperature`` per node: node i's predictive ``probs[i]`` ``(n, classes)``
+        scaled by the temperature it fitted on its own validation split (``val_temperature``
+        of its reply); ``{temperature, nll_ts, ece_ts, brier_ts: [per node]}``. Empty when off
+        at this round or before every node has replied once."""
+        mode = self.scn.evaluate.temperature
+        if mode == "off" or (mode == "final" and not final) or any("val_temperature" not in val.get(p, {}) for p in range(len(probs))):
+            return {}
+        labels = torch.from_numpy(ds.y)
+        per_node = [calibration.scaled_metrics(probs[p], labels, float(val[p]["val_temperature"]), self.scn.evaluate.n_bins)
+                    for p in range(len(probs))]
+        return {k: [m[k] for m in per_node] for k in per_node[0]}
 
     def conformal(self, probs: torch.Tensor, ds: ArrayDataset, val: dict[int, dict[str, float]]) -> dict[str, Any]:
         """``evaluate.conformal`` per node: node i's sets use the threshold it calibrated on its
@@ -236,6 +250,14 @@ class GossipMeter:
         log.info("round %d: %s", server_round, [{k: v for k, v in r.items() if not k.startswith("node_")} for r in rows])
         if self.on_round is not None:
             self.on_round(server_round, rows)
+
+
+def nodes_val_row(server_round: int, now: float, val: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """The ``nodes-val`` row: the summary of each node's last own-validation metrics."""
+    pids = sorted(val)
+    keys = [k for k in METRIC_KEYS if all(f"val_{k}" in val[p] for p in pids)]
+    per_node = {k: [val[p][f"val_{k}"] for p in pids] for k in keys}
+    return {"round": server_round, "scope": "nodes-val", "time_s": now, **summarise(per_node), "nodes": pids}
 
 
 def save_topology(path: Any, adj: np.ndarray, values: list[float] | None, title: str) -> None:
@@ -262,6 +284,8 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
     """Run ``scn.rounds`` gossip rounds over the simulated nodes (module docstring); ``resume``
     continues from a checkpoint."""
     data = load_server_data(scn.data, scn.seed)
+    if not scn.evaluate.test_sets:  # e.g. a tuning trial: any read of a held-out set fails the run
+        data = seal(data)
     n = scn.data.num_clients
     meter = GossipMeter(scn, data, recorder, on_round)
     fgrid = FedensGrid(grid, scn.seed, meter.rounds, scn.round_timeout_s)
@@ -350,9 +374,16 @@ def run_gossip(scn: Scenario, grid: Grid, recorder: RunRecorder, on_round: Round
             recorder.write_rows(rows)  # the round's facts are kept
             raise Diverged(f"diverged at round {r}: every node's training loss exceeds evaluate.diverge_loss x log C "
                            f"(the mean is {rows[0]['train_loss']:.3g})")
-        if r in meter.rounds:
-            rows += meter.evaluation_rows(r, latest, val)
+        # ``stop:`` reads this round's nodes-val row, which the evaluation below writes
+        recorder.stopped = stopping.check(scn.stop, [*recorder.rows, *rows, *([nodes_val_row(r, now, val)] if val and r in meter.rounds else [])],
+                                          r, scn.rounds)
+        stop = recorder.stopped is not None
+        final = r == scn.rounds or stop
+        if r in meter.rounds or stop:
+            rows += meter.evaluation_rows(r, latest, val, final)
         meter.write(r, rows)
+        if stop:  # ``stop:``: the nodes' validation metric has plateaued
+            break
         every = scn.output.checkpoint_every
         if every and r % every == 0 and r < scn.rounds:
             save_checkpoint(recorder.dir, ResumeState(

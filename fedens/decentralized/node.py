@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedens.calibration import fit_centralised
 from fedens.conformal import split_quantile, true_scores
 from fedens.data import ArrayDataset
 from fedens.decentralized.rules import GossipContext, GossipRule, Scores
@@ -99,10 +100,13 @@ def own_model(state: RecordDict, init: Arrays | None) -> Arrays:
 
 
 def evaluate_own(learner: Learner, data: ArrayDataset, seed: int, server_round: int, node: int,
-                 n_bins: int = 10, batch_size: int = 512, conformal: ConformalConfig | None = None) -> dict[str, float]:
+                 n_bins: int = 10, batch_size: int = 512, conformal: ConformalConfig | None = None,
+                 temperature: bool = False) -> dict[str, float]:
     """``val_<metric>`` of the learner on the node's own validation split (empty if it has none);
     with ``conformal``, also ``val_conformal_quantile``: the split-conformal threshold of the
-    node's own model calibrated on that split (+inf sent as 1e300)."""
+    node's own model calibrated on that split (+inf sent as 1e300); with ``temperature``, also
+    ``val_temperature``: the temperature of the node's predictive fitted on that split
+    (``fedens.calibration``), which the server applies to the node's test predictions."""
     if len(data) == 0:
         return {}
     seed_torch(derive_seed(seed, server_round, node, 1))  # predictions may sample
@@ -113,6 +117,8 @@ def evaluate_own(learner: Learner, data: ArrayDataset, seed: int, server_round: 
     if conformal is not None:
         q = split_quantile(true_scores(probs, labels, conformal.score), conformal.alpha)
         out["val_conformal_quantile"] = min(q, 1e300)
+    if temperature:
+        out["val_temperature"] = fit_centralised(probs, labels)
     return out
 
 
@@ -129,6 +135,7 @@ def gossip_step(
     n_bins: int = 10,
     batch_size: int = 512,
     conformal: ConformalConfig | None = None,
+    temperature: bool = False,
 ) -> tuple[Arrays, dict[str, float]]:
     """One round of node ``ctx.node``: ``rule(own, received)``, then local training on ``train``
     (seeded by ``(seed, round, node)``), then validation on ``val``.
@@ -140,7 +147,7 @@ def gossip_step(
     learner.set_arrays(mixed)
     metrics = learner.fit(train, seeded_generator(seed, server_round, ctx.node), server_round)
     trained = learner.get_arrays()
-    metrics.update(evaluate_own(learner, val, seed, server_round, ctx.node, n_bins, batch_size, conformal))
+    metrics.update(evaluate_own(learner, val, seed, server_round, ctx.node, n_bins, batch_size, conformal, temperature))
     metrics.update({f"rule_{k}": float(v) for k, v in facts.items()})
     metrics["num-examples"] = len(train)
     return trained, {k: float(v) if not isinstance(v, int) else v for k, v in metrics.items()}

@@ -22,7 +22,10 @@ turns a bad option into a one-line ``ValueError``):
     weigh equally: a gossip receiver does not know its neighbours' data sizes. With
     ``weighted=True`` the engine must pass them (``ctx.num_examples``, node id -> N) and the
     weights become ``N_j / sum N`` over the closed neighbourhood (``self_weight=None``) or
-    ``(1 - a) N_j / sum_senders N`` (given ``a``).
+    ``(1 - a) N_j / sum_senders N`` (given ``a``). Normalisation statistics (``running_mean``,
+    ``running_var``, ``num_batches_tracked``, as ``vca`` identifies them) are the node's own, as
+    in the authors' plain averager (twoentartian/DFL_torch) and the ``vca`` rule, so that the
+    two rules treat normalisation alike; ``mix_norm_stats=True`` mixes them with the weights too.
 
 ``vca``
     Variance-corrected model averaging as in docs/methods.md#gossip-vca (Tian et al., arXiv
@@ -210,6 +213,7 @@ def make_rule(name: str, params: Mapping[str, Any] | None = None, base_dir: Path
 class AverageOptions(BaseOptions):
     self_weight: float | None = Field(None, ge=0, le=1, description="own model's weight (None: 1/(1 + senders))")
     weighted: bool = Field(False, description="weigh the senders by their training-set sizes")
+    mix_norm_stats: bool = Field(False, description="mix the normalisation statistics too (default: each node keeps its own)")
 
 
 @GOSSIP_RULES.register("average")
@@ -239,7 +243,10 @@ class Average(GossipRule):
         if not senders:
             return _copy(own), {"received": 0.0, "self_weight": 1.0}
         w = self.weights(ctx.node, senders, ctx)
-        return mix([own, *(received[j] for j in senders)], w), {"received": float(len(senders)), "self_weight": float(w[0])}
+        out = mix([own, *(received[j] for j in senders)], w)
+        if not self.options.mix_norm_stats:  # each node keeps its own running statistics
+            out.update({n: np.array(a, copy=True) for n, a in own.items() if is_norm_statistic(n)})
+        return out, {"received": float(len(senders)), "self_weight": float(w[0])}
 
 
 @GOSSIP_RULES.register("vca")

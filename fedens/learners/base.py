@@ -111,6 +111,13 @@ class Learner(ABC):
         to the run's ``scenario.yaml``. Default: nothing to do."""
         return options
 
+    @classmethod
+    def prepares(cls, options: Any) -> bool:
+        """Whether ``prepare`` has work to do for these options (a file to make before the run).
+        The run skips it otherwise, and the deployment engine, which cannot ship prepared files,
+        accepts the scenario. Default: whenever the class overrides ``prepare``."""
+        return cls.prepare.__func__ is not Learner.prepare.__func__
+
     def assign_client(self, partition_id: int, seed: int, num_clients: int) -> None:
         """Called by the ClientApp before every message a client handles, with the client it
         simulates: for learners whose shape depends on the client (``early_exit``'s depth

@@ -27,13 +27,23 @@ Decisions
   members start from K different global initialisations (the server's initial model) and stay
   apart because nothing mixes members.
 
+- ``backbone``: the LoRA-Ensemble paper's explicit ensemble (Halbheer et al. 2024; the authors'
+  ``VisionTransformerEnsemble``) fine-tunes M copies of one pretrained ViT, every parameter
+  trained, each member with its own freshly initialised head. ``backbone: pretrained`` does that
+  here: ``prepare`` runs lora_ensemble's pretraining (``pretrain_backbone``, the same file byte
+  for byte for the same scenario and seed), and every member loads it except its head, which
+  keeps the member's own draw (the scratch ensemble's head k); ``pretrained_head`` copies the
+  head too. The whole network still travels and trains (unlike lora_ensemble's frozen backbone).
+
 Shapes: member batches ``x (K, b, ...)``, ``y (K, b)``; predictions ``(K, batch, classes)``.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +54,22 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from fedens.data import ArrayDataset
 from fedens.learners import LEARNERS
-from fedens.learners.base import Learner, make_optimizer
+from fedens.learners.base import Learner, PrepareContext, make_optimizer
+from fedens.learners.lora_ensemble import (
+    PRETRAIN_EPOCHS,
+    PRETRAIN_LR,
+    PRETRAIN_WEIGHT_DECAY,
+    given_backbone,
+    load_backbone,
+    pretrain_backbone,
+)
 from fedens.scenario import TrainConfig
 from fedens.payload import MEMBER_WEIGHTS
 
 Tensors = dict[str, torch.Tensor]
+
+
+PRETRAINED = "pretrained"  # ``backbone``: pretrain in ``prepare``, as lora_ensemble does
 
 
 class DeepEnsembleOptions(BaseModel):
@@ -56,6 +77,13 @@ class DeepEnsembleOptions(BaseModel):
     members: int = Field(5, ge=1, description="ensemble size K (the paper uses 5)")
     bootstrap: bool = Field(False, description="each member trains on its own bootstrap resample")
     vectorized: bool = Field(True, description="one stacked pass (True) or a Python loop over members (reference)")
+    backbone: str | None = Field(None, description="None: members from scratch; 'pretrained': every member starts "
+                                 "from the backbone lora_ensemble's prepare pretrains; or a state_dict file (.pt)")
+    pretrained_head: bool = Field(False, description="members also copy the backbone's head (default: each keeps its "
+                                  "own freshly initialised head, as the LoRA-Ensemble paper's explicit ensemble)")
+    pretrain_epochs: int = Field(PRETRAIN_EPOCHS, ge=1, description="backbone: pretrained: epochs of AdamW on the public split")
+    pretrain_lr: float = Field(PRETRAIN_LR, gt=0)
+    pretrain_weight_decay: float = Field(PRETRAIN_WEIGHT_DECAY, ge=0)
 
 
 def bootstrap_indices(n: int, members: int, generator: torch.Generator) -> torch.Tensor:
@@ -114,6 +142,32 @@ def grouped_forward(net: nn.Sequential, params: Mapping[str, torch.Tensor], x: t
     return x
 
 
+def head_prefix(net: nn.Module) -> str:
+    """The state_dict prefix of a network's classification head: its ``head`` module (vit), else
+    the last module that owns parameters (the last layer of a sequential net)."""
+    if isinstance(getattr(net, "head", None), nn.Module):
+        return "head."
+    owners = [name for name, m in net.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    return f"{owners[-1]}." if owners else ""
+
+
+def load_pretrained(nets: list[nn.Module], backbone: str, with_head: bool = False) -> None:
+    """Every member's tensors from the pretrained ``backbone`` file, except (unless ``with_head``)
+    its head, which keeps the member's own initialisation."""
+    if backbone == PRETRAINED:
+        raise ValueError("deep_ensemble has backbone: pretrained but no backbone file: run Learner.prepare first "
+                         "(fedens run does) or set learner.backbone: path/to/backbone.pt")
+    state = load_backbone(backbone)
+    for net in nets:
+        own, head = net.state_dict(), head_prefix(net)
+        if set(state) != set(own):
+            raise ValueError(f"backbone {backbone} does not fit the model: its tensors {sorted(set(state) ^ set(own))[:3]} ...")
+        try:
+            net.load_state_dict({**own, **{k: v for k, v in state.items() if with_head or not k.startswith(head)}})
+        except RuntimeError as err:
+            raise ValueError(f"backbone {backbone} does not fit the model: {err}") from None
+
+
 @LEARNERS.register("deep_ensemble")
 class DeepEnsembleLearner(Learner):
     """K networks with stacked parameters; predictive ``(K, batch, classes)``."""
@@ -127,6 +181,8 @@ class DeepEnsembleLearner(Learner):
     ) -> None:
         super().__init__(model_fn, options, train, device)
         nets = [model_fn().to(device) for _ in range(options.members)]
+        if options.backbone is not None:  # after every member's draws: the heads are the scratch ensemble's
+            load_pretrained(nets, options.backbone, options.pretrained_head)
         params, buffers = stack_module_state(nets)  # leaves (K, *shape), requires_grad
         self.params: Tensors = params
         self.buffers: Tensors = buffers
@@ -137,6 +193,31 @@ class DeepEnsembleLearner(Learner):
     def members(self) -> int:
         return self.options.members
 
+    @classmethod
+    def check_scenario(cls, options: DeepEnsembleOptions, scn: Any) -> str | None:
+        if options.backbone == PRETRAINED and scn.data.server_fraction <= 0:
+            return ("data.server_fraction: deep_ensemble with backbone: pretrained pretrains it on the server's public "
+                    "split: set it > 0 (e.g. 0.1) or give learner.backbone: path/to/backbone.pt")
+        return None
+
+    @classmethod
+    def prepares(cls, options: DeepEnsembleOptions) -> bool:
+        return options.backbone == PRETRAINED  # a given file needs nothing made
+
+    @classmethod
+    def prepare(cls, options: DeepEnsembleOptions, ctx: PrepareContext) -> DeepEnsembleOptions:
+        """``backbone: pretrained``: lora_ensemble's pretraining (``pretrain_backbone``: the same
+        model, data, seed and options give the same file, byte for byte), saved to
+        ``ctx.run_dir/backbone.pt``; a given file: its absolute path; None: nothing to do."""
+        if options.backbone is None:
+            return options
+        if options.backbone == PRETRAINED:
+            path = pretrain_backbone(ctx, options.pretrain_epochs, options.pretrain_lr, options.pretrain_weight_decay,
+                                     "deep_ensemble with backbone: pretrained")
+        else:
+            path = given_backbone(options.backbone)
+        return options.model_copy(update={"backbone": path})
+
     def forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
         """Logits ``(K, b, classes)`` for member batches ``x (K, b, ...)``, or for one batch
         ``x (b, ...)`` seen by every member when ``shared_input``."""
@@ -144,7 +225,9 @@ class DeepEnsembleLearner(Learner):
             return grouped_forward(self.skeleton, self.params, x.expand(self.members, *x.shape) if shared_input else x)
         call = lambda p, bufs, xi: functional_call(self.skeleton, (p, bufs), (xi,))  # noqa: E731
         batched = vmap(call, in_dims=(0, 0, None if shared_input else 0), randomness="different")  # own dropout masks
-        return batched(self.params, self.buffers, x)
+        with warnings.catch_warnings():  # vit's attention has no batching rule on CPU: vmap loops over members
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            return batched(self.params, self.buffers, x)
 
     def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
         self.skeleton.train()

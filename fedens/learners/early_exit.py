@@ -32,7 +32,10 @@ predictive is that exit's softmax, so every recorded metric is the deployed pred
 ``extra_metrics`` adds the mean exit depth, the compute fraction, each exit's own accuracy, ECE
 and share of inputs, and ``routing_gain``: the deployed accuracy minus the best accuracy of
 routing inputs at random to fixed exits at the same mean compute (what the gates add over
-input-blind exits, ``static_routing_accuracy``).
+input-blind exits, ``static_routing_accuracy``), and the early-exit literature's baseline at the
+same mean compute: confidence-threshold exits (an input leaves at the first exit whose max
+softmax probability reaches tau, with tau chosen on the evaluated set so that the mean compute
+matches the gated predictor's, ``matched_threshold``): ``threshold_*`` and ``threshold_gain``.
 
 Federated depth budgets. ``depth_budget`` gives each client the number of exits it holds
 (fixed, per client, or drawn per client from ``probs`` with the run's seed): a client with
@@ -367,9 +370,12 @@ class EarlyExitLearner(Learner):
 
     @torch.no_grad()
     def extra_metrics(self, data: ArrayDataset, n_bins: int = 10, batch_size: int = 512) -> dict[str, float]:
-        """``mean_exit`` (1-based), ``compute_fraction`` (mean c of the exits taken) and, per exit
-        l (1-based), ``exit<l>_accuracy``, ``exit<l>_ece`` (of that exit on every input) and
-        ``exit<l>_share`` (of inputs that leave there)."""
+        """``mean_exit`` (1-based), ``compute_fraction`` (mean c of the exits taken),
+        ``routing_gain`` (over input-blind exits), the confidence-threshold baseline at matched
+        compute (``threshold_tau``, ``threshold_accuracy``, ``threshold_nll``, ``threshold_ece``,
+        ``threshold_compute_fraction`` and ``threshold_gain`` = the gated accuracy minus its) and,
+        per exit l (1-based), ``exit<l>_accuracy``, ``exit<l>_ece`` (of that exit on every input)
+        and ``exit<l>_share`` (of inputs that leave there)."""
         x = torch.from_numpy(data.x)
         parts = [self.exit_probs(x[i : i + batch_size].to(self.device)) for i in range(0, len(data), batch_size)]
         probs = torch.cat([p.cpu() for p, _ in parts], dim=1)  # (d, n, C)
@@ -380,8 +386,15 @@ class EarlyExitLearner(Learner):
         out["compute_vs_plain"] = out["compute_fraction"] * self.net.total_macs / self.net.plain_macs
         exit_acc = (probs.argmax(-1) == labels).double().mean(1)  # (d,)
         static = self.net.static_costs.cpu()[: probs.shape[0]].double()
-        out["routing_gain"] = float((probs[taken, torch.arange(len(taken))].argmax(-1) == labels).double().mean()
-                                    - static_routing_accuracy(static, exit_acc, out["compute_fraction"]))
+        gated_acc = (probs[taken, torch.arange(len(taken))].argmax(-1) == labels).double().mean()
+        out["routing_gain"] = float(gated_acc - static_routing_accuracy(static, exit_acc, out["compute_fraction"]))
+        # The confidence-threshold baseline at the gated predictor's mean compute (same costs c_l).
+        tau, by_threshold = matched_threshold(probs.max(-1).values, costs, out["compute_fraction"])
+        chosen = probs[by_threshold, torch.arange(len(taken))]
+        m = classification_metrics(chosen, labels, n_bins)
+        out.update({"threshold_tau": tau, "threshold_accuracy": m["accuracy"], "threshold_nll": m["nll"],
+                    "threshold_ece": m["ece"], "threshold_compute_fraction": float(costs[by_threshold].mean()),
+                    "threshold_gain": float(gated_acc - (chosen.argmax(-1) == labels).double().mean())})
         for l in range(probs.shape[0]):
             m = classification_metrics(probs[l], labels, n_bins)
             out.update({f"exit{l + 1}_accuracy": m["accuracy"], f"exit{l + 1}_ece": m["ece"],
@@ -415,6 +428,44 @@ def static_routing_accuracy(costs: torch.Tensor, accuracy: torch.Tensor, compute
             hull.pop()
         hull.append(p)
     return float(np.interp(compute, [c for c, _ in hull], [a for _, a in hull]))
+
+
+def threshold_exits(max_prob: torch.Tensor, tau: float) -> torch.Tensor:
+    """The exit ``(n,)`` each input takes under a confidence threshold: the first l whose max
+    softmax probability ``max_prob[l]`` (``(d, n)``) is at least ``tau``, else the last."""
+    fire = torch.cat([max_prob[:-1].double() >= tau, max_prob.new_ones((1, max_prob.shape[1]), dtype=torch.bool)])
+    return fire.int().argmax(dim=0)
+
+
+def matched_threshold(max_prob: torch.Tensor, costs: torch.Tensor, compute: float) -> tuple[float, torch.Tensor]:
+    """The confidence threshold whose mean cost on these inputs is closest to ``compute`` (the
+    gated predictor's), and the exits ``(n,)`` it sends them to. ``max_prob (d, n)`` are the exits'
+    max softmax probabilities, ``costs (d,)`` the c_l of ``compute_fraction`` (an input that
+    leaves at l has computed every IM before it).
+
+    The mean cost is a non-decreasing step function of tau that changes only at the early exits'
+    max probabilities, so the candidates are those values, in increasing order, and one above
+    them all (nothing leaves early); a bisection over them finds the first whose cost reaches
+    ``compute``; it or the one before it is the closest (on a tie, the cheaper)."""
+    values = torch.unique(max_prob[:-1].double().flatten())  # sorted; empty with one exit
+    top = float(values[-1]) if len(values) else 1.0
+    candidates = values.tolist() + [math.nextafter(top, math.inf)]
+    costs = costs.double()
+
+    def mean_cost(i: int) -> float:
+        return float(costs[threshold_exits(max_prob, candidates[i])].mean())
+
+    lo, hi = 0, len(candidates) - 1  # the first i with mean_cost(i) >= compute, or the last
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mean_cost(mid) >= compute:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = lo
+    if lo > 0 and abs(mean_cost(lo - 1) - compute) <= abs(mean_cost(lo) - compute):
+        best = lo - 1
+    return candidates[best], threshold_exits(max_prob, candidates[best])
 
 
 def client_depth(budget: int | list[int] | DepthDistribution | None, exits: int, partition_id: int, seed: int) -> int:

@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import ivon
 import numpy as np
@@ -68,20 +70,73 @@ from fedens.optim.ivon_prior import IVONPrior
 from fedens.scenario import TrainConfig
 
 
+# Named configurations of the options a preset sets (docs/methods.md#ivon; sources there).
+PRESETS: dict[str, dict[str, Any]] = {
+    # fedens' plain-IVON defaults: beta2 and the constant schedule are the authors' (the ivon-opt
+    # package default, and every CIFAR run of team-approx-bayes/ivon-experiments,
+    # image_classification/train_ivon.sh: momentum_hess=0.99999); lr and hess_init are fedens'
+    # for ~100-400 examples per client (module docstring).
+    "fedens": {"lr": 0.5, "hess_init": 3.0, "beta2": 0.99999, "lr_schedule": "constant"},
+    # IVON-ADMM's local IVON, team-approx-bayes/bayes-admm configs/mnist_heterog/fedivon.yaml:
+    # learning_rate_local 0.02, h0_local 0.005, beta2_local 0.9998, use_scheduler True (a
+    # cosine over the communication rounds, local_client_worker.py). Step not rescaled.
+    "bayes_admm": {"lr": 0.02, "hess_init": 0.005, "beta2": 0.9998, "lr_schedule": "cosine"},
+}
+
+
+@dataclass(frozen=True)
+class IVONHyper:
+    """The options a preset sets, resolved (``IVONOptions.resolve``)."""
+
+    preset: str
+    lr: float
+    hess_init: float
+    beta2: float
+    lr_schedule: str
+    schedule_rounds: int | None
+
+
+def lr_factor(schedule: str, server_round: int, rounds: int | None) -> float:
+    """The learning rate's factor in ``server_round`` (1-based): 1 for ``constant``; for
+    ``cosine`` ``(1 + cos(pi * min(r - 1, T) / T)) / 2``, ``T = rounds``: torch's
+    ``CosineAnnealingLR(T_max=T, eta_min=0)`` stepped once after every round, as the
+    bayes-admm clients do (1 in round 1, then down to 0 at round T + 1, and 0 after)."""
+    if schedule == "constant":
+        return 1.0
+    if rounds is None:
+        raise ValueError("ivon: lr_schedule 'cosine' needs schedule_rounds (the run's rounds); only the ivon_admm "
+                         "strategy tells its clients the rounds")
+    return 0.5 * (1.0 + math.cos(math.pi * min(server_round - 1, rounds) / rounds))
+
+
 class IVONOptions(BaseModel):
     """Options of ``ivon`` (the scenario's ``learner:`` keys). ``train.lr``/``train.optimizer``
-    are not used: IVON is the optimiser; ``train.local_epochs`` and ``train.batch_size`` are."""
+    are not used: IVON is the optimiser; ``train.local_epochs`` and ``train.batch_size`` are.
+    ``lr``, ``hess_init``, ``beta2`` and ``lr_schedule`` left at ``None`` are the preset's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    lr: float = Field(0.5, gt=0, description="IVON's learning rate (steps are lr * (hess_init + wd) / (hess + wd))")
+    preset: Literal["fedens", "bayes_admm"] = Field(
+        "fedens", description="named defaults of lr, hess_init, beta2, lr_schedule (docs/methods.md#ivon)")
+    lr: float | None = Field(None, gt=0, description="IVON's learning rate (None: the preset's; fedens 0.5, bayes_admm 0.02)")
     ess: float | None = Field(None, gt=0, description="effective sample size; None = the client's training examples")
-    hess_init: float = Field(3.0, gt=0, description="initial Hessian; sets the initial posterior std 1/sqrt(ess*(h0+wd))")
+    hess_init: float | None = Field(None, gt=0, description="initial Hessian h0 (None: the preset's; fedens 3, bayes_admm 0.005)")
     beta1: float = Field(0.9, ge=0, lt=1, description="gradient momentum")
-    beta2: float = Field(0.999, ge=0, lt=1, description="Hessian averaging; the paper's 0.99999 is for 1e5 steps")
+    beta2: float | None = Field(None, ge=0, lt=1, description="Hessian averaging (None: the preset's; fedens 0.99999, "
+                                                              "bayes_admm 0.9998)")
+    lr_schedule: Literal["constant", "cosine"] | None = Field(
+        None, description="per-round lr factor (None: the preset's; fedens constant, bayes_admm cosine)")
+    schedule_rounds: int | None = Field(None, ge=1, description="T of the cosine schedule; None = the run's rounds, "
+                                                                "which only ivon_admm sends (elsewhere give it)")
     weight_decay: float = Field(1e-4, gt=0, description="prior precision per example (must be > 0)")
     mc_train: int = Field(1, ge=1, description="posterior samples per training step")
     samples: int = Field(32, ge=1, description="Monte Carlo samples at prediction (the paper tests with 64)")
     clip_radius: float = Field(math.inf, gt=0, description="element-wise clip of the preconditioned step")
+
+    def resolve(self) -> IVONHyper:
+        """The preset's values where an option is ``None``."""
+        preset = PRESETS[self.preset]
+        values = {k: v if (v := getattr(self, k)) is not None else preset[k] for k in preset}
+        return IVONHyper(preset=self.preset, schedule_rounds=self.schedule_rounds, **values)
 
 
 @LEARNERS.register("ivon")
@@ -99,21 +154,29 @@ class IVONLearner(Learner):
         self.opt = self._optimizer(options.ess or 1.0)
         self._imported: dict[str, np.ndarray] | None = None  # precisions as received, until the next fit
 
-    def _optimizer(self, ess: float, hess: torch.Tensor | None = None) -> ivon.IVON:
-        o = self.options
-        opt = ivon.IVON(self.model.parameters(), lr=o.lr, ess=ess, hess_init=o.hess_init, beta1=o.beta1, beta2=o.beta2,
-                        weight_decay=o.weight_decay, mc_samples=o.mc_train, clip_radius=o.clip_radius)
+    def _optimizer(self, ess: float, hess: torch.Tensor | None = None, server_round: int | None = None) -> ivon.IVON:
+        """Plain IVON (the options' preset where they leave a value at ``None``); with
+        ``server_round`` its learning rate is the schedule's for that round."""
+        o, hp = self.options, self.options.resolve()
+        opt = ivon.IVON(self.model.parameters(), lr=hp.lr, ess=ess, hess_init=hp.hess_init, beta1=o.beta1,
+                        beta2=hp.beta2, weight_decay=o.weight_decay, mc_samples=o.mc_train, clip_radius=o.clip_radius)
         if hess is not None:
             opt.param_groups[0]["hess"] = hess
+        if server_round is not None:  # set after building: ivon.IVON refuses lr = 0 (the cosine's end)
+            opt.param_groups[0]["lr"] = hp.lr * lr_factor(hp.lr_schedule, server_round, hp.schedule_rounds)
         return opt
 
-    def _prior_optimizer(self, setup: IVONSetup) -> IVONPrior:
+    def _prior_optimizer(self, setup: IVONSetup, server_round: int = 1) -> IVONPrior:
         """``IVONPrior`` with the prior N(m_g, 1/S_g), the Lagrangian terms and, from round 2 on,
-        the posterior started at the global one (``fedens.objectives.IvonAdmm``)."""
-        o = self.options
-        opt = IVONPrior(self.model.parameters(), lr=o.lr, ess=setup.ess, hess_init=o.hess_init, beta1=o.beta1,
-                        beta2=o.beta2, weight_decay=o.weight_decay, mc_samples=o.mc_train, clip_radius=o.clip_radius,
+        the posterior started at the global one (``fedens.objectives.IvonAdmm``); lr, hess_init,
+        beta2 and schedule as resolved by the options (``preset: bayes_admm`` for the authors'),
+        the cosine's T the options' ``schedule_rounds`` or else the run's rounds the strategy sent."""
+        o, hp = self.options, self.options.resolve()
+        opt = IVONPrior(self.model.parameters(), lr=hp.lr, ess=setup.ess, hess_init=hp.hess_init, beta1=o.beta1,
+                        beta2=hp.beta2, weight_decay=o.weight_decay, mc_samples=o.mc_train, clip_radius=o.clip_radius,
                         rescale_lr=setup.rescale_lr)
+        rounds = hp.schedule_rounds or getattr(setup, "rounds", None)
+        opt.param_groups[0]["lr"] = hp.lr * lr_factor(hp.lr_schedule, server_round, rounds)
         opt.set_prior(setup.prior_mean, precision=setup.prior_precision)
         opt.set_lagrangian(setup.v_tilde, setup.V_tilde)
         if setup.start_at_prior:
@@ -129,14 +192,14 @@ class IVONLearner(Learner):
     def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
         setup = self.objective.ivon_setup([n for n, _ in self.model.named_parameters()], len(data)) if self.objective else None
         if setup is not None:  # IVON-ADMM: train under the global posterior as prior, plus the duals
-            self.opt = self._prior_optimizer(setup)
+            self.opt = self._prior_optimizer(setup, server_round)
         else:
             ess = self.options.ess or float(len(data))
             if self.options.ess is None and server_round == 1:
                 hess = None  # the received precision is a placeholder: start at hess_init
             else:
                 hess = self._hess_from_precision(self.precision, ess)
-            self.opt = self._optimizer(ess, hess)  # fresh momentum and step count; the posterior carries over
+            self.opt = self._optimizer(ess, hess, server_round)  # fresh momentum and step count; the posterior carries over
         self._imported = None
         self.model.train()
         total, count = 0.0, 0

@@ -34,6 +34,12 @@ The authors' code (NVA) steps each component on f = ℓ − τ log q and the wei
 log r_k) and the same fixed point of the weights; NVA anneals τ to 0 to find modes, fedens to 1
 (the posterior) (docs/methods.md#ivon-mixture).
 
+``independent: true`` is the equal-compute baseline, K independent ``ivon`` posteriors averaged
+uniformly (a deep ensemble of IVON posteriors): each component runs the ``ivon`` learner's own
+``fit`` at the full sample size (τ = 1, no coupling), with its own minibatch order and posterior
+noise (seeded per component, ``component_seeds``), and the weights stay uniform (a received
+``member_weights`` is ignored); the mixture's options are then unused.
+
 Payload (``fedens.payload``): component k's posterior as ``mean.member.<k>.<n>`` /
 ``precision.member.<k>.<n>`` and its buffers as ``member.<k>.<b>``, the weights as
 ``member_weights``. A posterior strategy sees names ``member.<k>.<n>`` and, being element-wise,
@@ -59,6 +65,7 @@ from fedens.learners.base import Learner, minibatches
 from fedens.learners.ivon import IVONLearner, IVONOptions
 from fedens.payload import MEMBER_WEIGHTS
 from fedens.scenario import TrainConfig
+from fedens.seeding import derive_seed, seed_torch
 
 
 class IVONMixtureOptions(IVONOptions):
@@ -70,6 +77,8 @@ class IVONMixtureOptions(IVONOptions):
     weight_lr: float = Field(0.1, ge=0, le=1, description="damping of the weights' natural-gradient step (0: fixed)")
     weight_samples: int = Field(2, ge=1, description="draws per component for the weights' step")
     coupling: bool = Field(True, description="add the responsibilities' gradient (the mixture's entropy coupling)")
+    independent: bool = Field(False, description="K independent ivon learners averaged uniformly (the equal-compute "
+                              "baseline): no coupling, tau = 1, fixed uniform weights, each its own data order and noise")
 
 
 def temperature_at(options: IVONMixtureOptions, server_round: int) -> float:
@@ -138,6 +147,8 @@ class IVONMixtureLearner(Learner):
         return means, torch.stack([c.precision.detach() for c in self.components])
 
     def fit(self, data: ArrayDataset, generator: torch.Generator, server_round: int = 1) -> dict[str, float]:
+        if self.options.independent:
+            return self._fit_independent(data, generator, server_round)
         o = self.options
         tau = temperature_at(o, server_round)
         ess = (o.ess or float(len(data))) / tau
@@ -166,6 +177,19 @@ class IVONMixtureLearner(Learner):
                     c.opt.step()
         self._update_weights(data, ess)
         return {"train_loss": total / max(count, 1), "temperature": tau,
+                **{f"weight{k}": float(w) for k, w in enumerate(self.pi)}}
+
+    def _fit_independent(self, data: ArrayDataset, generator: torch.Generator, server_round: int) -> dict[str, float]:
+        """``independent``: component k is the ``ivon`` learner's ``fit``, with the full sample size,
+        its own minibatch order (a generator seeded by ``component_seeds``) and its own posterior
+        noise (torch's global RNG seeded the same, restored afterwards)."""
+        losses = []
+        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else []
+        for c, seed in zip(self.components, component_seeds(generator, len(self.components))):
+            with torch.random.fork_rng(devices=cuda):
+                seed_torch(seed)
+                losses.append(c.fit(data, torch.Generator().manual_seed(seed), server_round)["train_loss"])
+        return {"train_loss": float(np.mean(losses)), "temperature": 1.0,
                 **{f"weight{k}": float(w) for k, w in enumerate(self.pi)}}
 
     def _add_coupling(self, c: IVONLearner, k: int, means: torch.Tensor, precisions: torch.Tensor, ess: float) -> None:
@@ -217,7 +241,16 @@ class IVONMixtureLearner(Learner):
         weights = np.asarray(arrays[MEMBER_WEIGHTS], dtype=np.float64) if MEMBER_WEIGHTS in arrays else None
         if weights is None or weights.shape != (len(self.components),) or not (weights > 0).all():
             raise KeyError(f"arrays lack positive {MEMBER_WEIGHTS!r} of shape ({len(self.components)},)")
+        if self.options.independent:  # the weights stay uniform, whatever the strategy made of them
+            weights = np.ones(len(self.components))
         self.log_pi = torch.log_softmax(torch.log(torch.from_numpy(weights)), 0)
+
+
+def component_seeds(generator: torch.Generator, components: int) -> list[int]:
+    """The seeds of ``independent`` components in one ``fit``: one draw from ``generator``, then
+    ``derive_seed(draw, k)`` for component k."""
+    draw = int(torch.randint(2**62, (1,), generator=generator))
+    return [derive_seed(draw, k) for k in range(components)]
 
 
 def _to_mixture(name: str, k: int) -> str:

@@ -63,6 +63,8 @@ from fedens.scenario import TrainConfig
 from fedens.seeding import derive_seed
 
 PROJECTIONS = ("q", "k", "v", "o")
+# The backbone's pretraining (``pretrain_backbone``), shared with deep_ensemble's ``backbone: pretrained``.
+PRETRAIN_EPOCHS, PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY = 30, 1e-3, 0.01
 
 
 class LoRAEnsembleOptions(BaseModel):
@@ -75,9 +77,9 @@ class LoRAEnsembleOptions(BaseModel):
     init_gain: float = Field(10.0, gt=0, description="Xavier-uniform gain of A_i (the paper: 10)")
     grad_clip: float | None = Field(0.1, gt=0, description="clip each member's gradient norm (the paper: 1); None = off")
     backbone: str | None = Field(None, description="pretrained vit state_dict (.pt); None = pretrain in prepare")
-    pretrain_epochs: int = Field(30, ge=1, description="epochs of AdamW on the public split")
-    pretrain_lr: float = Field(1e-3, gt=0)
-    pretrain_weight_decay: float = Field(0.01, ge=0)
+    pretrain_epochs: int = Field(PRETRAIN_EPOCHS, ge=1, description="epochs of AdamW on the public split")
+    pretrain_lr: float = Field(PRETRAIN_LR, gt=0)
+    pretrain_weight_decay: float = Field(PRETRAIN_WEIGHT_DECAY, ge=0)
 
 
 class LoRALinear(nn.Module):
@@ -123,6 +125,41 @@ def load_backbone(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _read_backbone(str(path), os.stat(path).st_mtime_ns)
 
 
+def given_backbone(backbone: str) -> str:
+    """The absolute path of a given backbone file (a ``ValueError`` if there is none)."""
+    path = Path(backbone).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"backbone {path} is not a file")
+    return str(path)
+
+
+def pretrain_backbone(ctx: PrepareContext, epochs: int, lr: float, weight_decay: float, learner: str = "lora_ensemble",
+                      check: Callable[[nn.Module], nn.Module] = lambda m: m) -> str:
+    """The backbone's pretraining (``prepare``): ``ctx.model_fn()`` trained with AdamW on the
+    server's public split ``ctx.public`` for ``epochs``, minibatches of ``train.batch_size`` drawn
+    from a generator seeded by (seed, 0, 2), saved to ``ctx.run_dir/backbone.pt``; returns its
+    absolute path. Every learner that pretrains calls this, so for the same scenario (data, model,
+    ``train.batch_size``, seed) and pretraining options they get byte-identical backbones
+    (``deep_ensemble``'s ``backbone: pretrained``). ``check`` vets the built model."""
+    if len(ctx.public) == 0:
+        raise ValueError(f"{learner} pretrains its backbone on the server's public split, which is empty: "
+                         "set data.server_fraction > 0 or give learner.backbone: path/to/backbone.pt")
+    model = check(ctx.model_fn()).to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(derive_seed(ctx.seed, 0, 2))
+    model.train()
+    for _ in range(epochs):
+        for x, y in minibatches(ctx.public, ctx.train.batch_size, generator, ctx.device):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    path = (ctx.run_dir / "backbone.pt").resolve()
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+    return str(path)
+
+
 def _require_vit(model: nn.Module) -> ViT:
     if not isinstance(model, ViT):
         raise ValueError(f"lora_ensemble needs model kind vit, got {type(model).__name__}")
@@ -165,31 +202,18 @@ class LoRAEnsembleLearner(Learner):
         return None
 
     @classmethod
+    def prepares(cls, options: LoRAEnsembleOptions) -> bool:
+        return options.backbone is None  # no backbone given: pretrain one
+
+    @classmethod
     def prepare(cls, options: LoRAEnsembleOptions, ctx: PrepareContext) -> LoRAEnsembleOptions:
         """Pretrain the backbone on ``ctx.public`` and save it to ``ctx.run_dir/backbone.pt``
         (or check the given ``backbone`` exists); returns the options with its absolute path."""
         if options.backbone is not None:
-            path = Path(options.backbone).expanduser().resolve()
-            if not path.is_file():
-                raise ValueError(f"backbone {path} is not a file")
-            return options.model_copy(update={"backbone": str(path)})
-        if len(ctx.public) == 0:
-            raise ValueError("lora_ensemble pretrains its backbone on the server's public split, which is empty: "
-                             "set data.server_fraction > 0 or give learner.backbone: path/to/backbone.pt")
-        model = _require_vit(ctx.model_fn()).to(ctx.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=options.pretrain_lr, weight_decay=options.pretrain_weight_decay)
-        generator = torch.Generator().manual_seed(derive_seed(ctx.seed, 0, 2))
-        model.train()
-        for _ in range(options.pretrain_epochs):
-            for x, y in minibatches(ctx.public, ctx.train.batch_size, generator, ctx.device):
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
-        path = (ctx.run_dir / "backbone.pt").resolve()
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-        return options.model_copy(update={"backbone": str(path)})
+            return options.model_copy(update={"backbone": given_backbone(options.backbone)})
+        path = pretrain_backbone(ctx, options.pretrain_epochs, options.pretrain_lr, options.pretrain_weight_decay,
+                                 "lora_ensemble", _require_vit)
+        return options.model_copy(update={"backbone": path})
 
     # ------------------------------------------------------------------ training and prediction
 

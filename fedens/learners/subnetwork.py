@@ -117,6 +117,10 @@ class SubnetworkLearner(TiledEnsembleLearner):
         return None
 
     @classmethod
+    def prepares(cls, options: SubnetworkOptions) -> bool:
+        return options.masks_file is None  # no masks given: train the parent and deal them
+
+    @classmethod
     def prepare(cls, options: SubnetworkOptions, ctx: PrepareContext) -> SubnetworkOptions:
         """Train the parent on the public split, deal its weights into M masks, save both."""
         if options.masks_file is not None:

@@ -65,6 +65,34 @@ def test_average_self_weight_half_two_neighbours():
     assert facts == {"received": 2.0, "self_weight": 0.5}
 
 
+def bn_node(w: float, mean: tuple[float, float], var: tuple[float, float], tracked: int) -> dict[str, np.ndarray]:
+    return {"0.weight": arr(w, w), "1.running_mean": arr(*mean, dtype=np.float32),
+            "1.running_var": arr(*var, dtype=np.float32), "1.num_batches_tracked": np.array(tracked, dtype=np.int64)}
+
+
+def test_average_keeps_each_nodes_own_norm_statistics_unless_mix_norm_stats():
+    # The authors' plain averager (DFL_torch's StandardModelAverager skips running_mean,
+    # running_var, num_batches_tracked) and fedens' vca rule keep the node's own statistics.
+    own = bn_node(2.0, (2.0, 4.0), (1.0, 1.0), 5)
+    r = {1: bn_node(6.0, (6.0, 0.0), (3.0, 5.0), 9), 2: bn_node(10.0, (2.0, 8.0), (1.0, 9.0), 3)}
+    kept, facts = Average(self_weight=0.5)(own, r, CTX)
+    np.testing.assert_allclose(kept["0.weight"], [0.5 * 2 + 0.25 * (6 + 10)] * 2)  # 5: weights are mixed
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        np.testing.assert_array_equal(kept[name], own[name])
+        assert kept[name].dtype == own[name].dtype
+    assert facts == {"received": 2.0, "self_weight": 0.5}
+    mixed, _ = make_rule("average", {"self_weight": 0.5, "mix_norm_stats": True})(own, r, CTX)
+    np.testing.assert_allclose(mixed["0.weight"], kept["0.weight"])
+    # 0.5 [2, 4] + 0.25 ([6, 0] + [2, 8]) = [3, 4];  0.5 [1, 1] + 0.25 ([3, 5] + [1, 9]) = [1.5, 4]
+    np.testing.assert_allclose(mixed["1.running_mean"], [3.0, 4.0])
+    np.testing.assert_allclose(mixed["1.running_var"], [1.5, 4.0])
+    assert mixed["1.running_var"].dtype == np.float32
+    assert mixed["1.num_batches_tracked"] == 5  # an integer: the node's own either way
+    kept_again, _ = Average(self_weight=0.5)(own, r, CTX)
+    kept_again["1.running_mean"][0] = -1.0  # a copy, not the node's own array
+    assert own["1.running_mean"][0] == 2.0
+
+
 def test_average_default_weight_is_uniform_over_closed_neighbourhood():
     own = model(arr(4, 0))
     r = {3: model(arr(0, 4)), 5: model(arr(8, 8)), 9: model(arr(0, 0))}

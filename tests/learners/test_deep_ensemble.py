@@ -3,6 +3,8 @@ bootstrap resamples are per member, and members travel as ``member.{k}.<name>``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,106 @@ def test_bad_options_are_rejected():
         DeepEnsembleOptions(members=0)
     with pytest.raises(ValidationError):
         DeepEnsembleOptions(members=2, bagging=True)
+
+
+# ---------------------------------------------------------------- a pretrained backbone
+VIT = {"kind": "vit", "dim": 32, "heads": 4, "depth": 2}
+
+
+def vit_scenario(tmp, kind: str, server_fraction: float = 0.2, **learner):
+    from fedens.api import prepare_learner
+    from fedens.checks import load_scenario
+
+    raw = {"seed": 1, "data": {"num_clients": 3, "server_fraction": server_fraction}, "model": VIT,
+           "learner": {"kind": kind, "members": 3, "pretrain_epochs": 2, **learner},
+           "train": {"local_epochs": 1, "optimizer": "adamw", "lr": 1e-3}}
+    return prepare_learner(load_scenario(raw), tmp)
+
+
+def build(scn, seed: int = 0):
+    from fedens.learners import build_learner
+
+    torch.manual_seed(seed)
+    return build_learner(scn, (1, 8, 8), 10, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """lora_ensemble's and deep_ensemble's prepared scenarios: the same data, model, seed and pretraining."""
+    lora = vit_scenario(tmp_path_factory.mktemp("lora"), "lora_ensemble", rank=2)
+    deep = vit_scenario(tmp_path_factory.mktemp("deep"), "deep_ensemble", backbone="pretrained")
+    return lora, deep
+
+
+def test_a_pretrained_backbone_is_lora_ensembles_byte_for_byte(pretrained):
+    lora, deep = pretrained
+    assert deep.learner.options["backbone"] != lora.learner.options["backbone"]  # each run writes its own file
+    a = torch.load(lora.learner.options["backbone"], weights_only=True)
+    b = torch.load(deep.learner.options["backbone"], weights_only=True)
+    assert list(a) == list(b) and all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+    scratch = build(vit_scenario(Path(deep.learner.options["backbone"]).parent / "scratch", "deep_ensemble"))
+    ensemble = build(deep)
+    arrays, fresh = ensemble.get_arrays(), scratch.get_arrays()
+    for k in range(3):  # every member's backbone is the pretrained one; its head is its own draw
+        for name, t in a.items():
+            got = arrays[f"member.{k}.{name}"]
+            if name.startswith("head."):
+                assert np.array_equal(got, fresh[f"member.{k}.{name}"]) and not np.array_equal(got, t.numpy())
+            else:
+                assert got.tobytes() == t.numpy().tobytes(), name
+    assert not np.array_equal(arrays["member.0.head.weight"], arrays["member.1.head.weight"])
+    # and the frozen backbone inside a lora_ensemble learner is the same one
+    frozen = {k.replace(".base.", "."): v for k, v in build(lora).model.state_dict().items() if not k.endswith((".A", ".B"))}
+    assert all(arrays[f"member.2.{n}"].tobytes() == t.numpy().tobytes() for n, t in frozen.items() if not n.startswith("head."))
+
+
+def test_a_pretrained_ensemble_trains_every_parameter(pretrained):
+    from fedens.data import load_client_data
+
+    _, deep = pretrained
+    ensemble = build(deep)
+    before = ensemble.get_arrays()
+    ensemble.fit(load_client_data(deep.data, deep.seed, 0).train, torch.Generator().manual_seed(0))
+    after = ensemble.get_arrays()
+    assert all(not np.array_equal(before[k], after[k]) for k in before if k.endswith((".q.weight", "head.weight")))
+
+
+def test_pretrained_head_copies_the_head_and_a_given_file_is_used_as_is(pretrained, tmp_path):
+    _, deep = pretrained
+    given = deep.learner.options["backbone"]
+    again = vit_scenario(tmp_path, "deep_ensemble", server_fraction=0.0, backbone=given, pretrained_head=True)
+    assert again.learner.options["backbone"] == given and not (tmp_path / "backbone.pt").exists()
+    arrays, state = build(again).get_arrays(), torch.load(given, weights_only=True)
+    assert all(np.array_equal(arrays[f"member.{k}.{n}"], t.numpy()) for k in range(3) for n, t in state.items())
+
+
+def test_without_a_backbone_nothing_changes(tmp_path):
+    from fedens.api import prepare_learner
+    from fedens.checks import load_scenario
+
+    raw = {"seed": 1, "data": {"num_clients": 3}, "model": {"kind": "mlp", "hidden": [16]},
+           "learner": {"kind": "deep_ensemble", "members": 3}}
+    scn = load_scenario(raw)
+    prepared = prepare_learner(scn, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing pretrained, nothing written
+    assert DeepEnsembleOptions.model_validate(prepared.learner.options) == DeepEnsembleOptions(members=3)
+    ours = build(prepared).get_arrays()
+    torch.manual_seed(0)  # the members are model_fn()'s first three draws, as before the option existed
+    nets = [build_model("mlp", {"hidden": [16]}, SHAPE, 10) for _ in range(3)]
+    for k, net in enumerate(nets):
+        for name, t in net.state_dict().items():
+            assert np.array_equal(ours[f"member.{k}.{name}"], t.numpy())
+
+
+def test_a_pretrained_backbone_needs_public_data_or_a_file(tmp_path):
+    from fedens.checks import load_scenario
+    from fedens.scenario import ScenarioError
+
+    raw = {"data": {"num_clients": 3}, "model": VIT, "learner": {"kind": "deep_ensemble", "backbone": "pretrained"}}
+    with pytest.raises(ScenarioError, match=r"data.server_fraction: deep_ensemble with backbone: pretrained"):
+        load_scenario(raw)
+    with pytest.raises(ValueError, match="run Learner.prepare first"):
+        DeepEnsembleLearner(lambda **o: build_model("mlp", {"hidden": [4]}, SHAPE, 10),
+                            DeepEnsembleOptions(members=2, backbone="pretrained"), TrainConfig(), torch.device("cpu"))
+    with pytest.raises(ScenarioError, match="is not a file"):
+        vit_scenario(tmp_path, "deep_ensemble", backbone=str(tmp_path / "missing.pt"))

@@ -228,3 +228,67 @@ def test_a_fixed_exit_costs_its_blocks_and_its_own_im():
     ee = learner()  # cnn1d: blocks 2500, 31250, 15625; IMs 5000, 2500; head 1250; every exit 58125
     np.testing.assert_allclose(ee.net.static_costs.numpy(),
                                np.array([2500 + 5000, 33750 + 2500, 49375 + 1250]) / 58125, rtol=1e-6)
+
+
+# Hand-made exits for the confidence-threshold baseline: 3 exits costing c = 0.25, 0.5, 1, two
+# classes, four inputs (labels 0, 1, 0, 1); p(class 0) per exit:
+#   A: 0.95 0.97 0.99   B: 0.80 0.30 0.10   C: 0.60 0.70 0.90   D: 0.55 0.40 0.20
+# max probabilities: exit 1 .95 .80 .60 .55, exit 2 .97 .70 .70 .60. Mean cost by tau:
+#   tau <= .55: all at exit 1, 0.25;  tau = .6: D at exit 2, 1.25/4 = 0.3125;
+#   tau = .7: C at exit 2, D at exit 3, 2/4 = 0.5;  tau = .8: C and D at exit 3, 2.5/4 = 0.625.
+HAND_P0 = [[0.95, 0.80, 0.60, 0.55], [0.97, 0.30, 0.70, 0.40], [0.99, 0.10, 0.90, 0.20]]
+HAND_LABELS = [0, 1, 0, 1]
+HAND_COSTS = [0.25, 0.5, 1.0]
+
+
+def hand_probs() -> torch.Tensor:
+    p0 = torch.tensor(HAND_P0)
+    return torch.stack([p0, 1 - p0], dim=-1)  # (3 exits, 4 inputs, 2 classes)
+
+
+def test_threshold_exits_leave_at_the_first_confident_exit():
+    from fedens.learners.early_exit import threshold_exits
+
+    maxp = hand_probs().max(-1).values
+    assert threshold_exits(maxp, 0.5).tolist() == [0, 0, 0, 0]
+    assert threshold_exits(maxp, 0.6).tolist() == [0, 0, 0, 1]
+    assert threshold_exits(maxp, float(torch.tensor(0.7))).tolist() == [0, 0, 1, 2]  # >= : exactly .7 leaves
+    assert threshold_exits(maxp, 0.99).tolist() == [2, 2, 2, 2]  # the last exit always takes the rest
+
+
+def test_the_threshold_is_matched_to_the_gated_compute():
+    from fedens.learners.early_exit import matched_threshold
+
+    maxp, costs = hand_probs().max(-1).values, torch.tensor(HAND_COSTS)
+    tau, taken = matched_threshold(maxp, costs, 0.5)  # reached exactly at tau = .7
+    assert tau == pytest.approx(0.7) and taken.tolist() == [0, 0, 1, 2]
+    tau, taken = matched_threshold(maxp, costs, 0.4)  # .3125 (tau .6) is nearer than .5 (tau .7)
+    assert tau == pytest.approx(0.6) and taken.tolist() == [0, 0, 0, 1]
+    tau, _ = matched_threshold(maxp, costs, 0.45)  # .5 is nearer than .3125
+    assert tau == pytest.approx(0.7)
+    tau, _ = matched_threshold(maxp, costs, (0.3125 + 0.5) / 2)  # a tie: the cheaper
+    assert tau == pytest.approx(0.6)
+    tau, taken = matched_threshold(maxp, costs, 0.2)  # below every threshold's cost: all at exit 1
+    assert tau == pytest.approx(0.55) and taken.tolist() == [0, 0, 0, 0]
+    tau, taken = matched_threshold(maxp, costs, 1.0)  # nothing leaves early: tau above every max prob
+    assert tau > float(maxp[:-1].max()) and taken.tolist() == [2, 2, 2, 2]
+    tau, taken = matched_threshold(maxp[:1], costs[:1], 0.7)  # one exit: it takes everything
+    assert taken.tolist() == [0, 0, 0, 0]
+
+
+def test_extra_metrics_report_the_threshold_baseline_at_matched_compute():
+    ee = learner()
+    probs = hand_probs()
+    gated = torch.tensor([0, 1, 0, 2])  # the gates: A and C at exit 1, B at 2, D at 3; all correct
+    ee.exit_probs = lambda x: (probs[:, : len(x)], gated[: len(x)])
+    ee.net.costs = torch.tensor(HAND_COSTS)
+    ee.net.static_costs = torch.tensor(HAND_COSTS)
+    evaluated = ArrayDataset(np.zeros((4, 1, 40), np.float32), np.array(HAND_LABELS))
+    m = ee.extra_metrics(evaluated)
+    assert m["compute_fraction"] == pytest.approx(0.5)  # the gated: (.25 + .5 + .25 + 1) / 4
+    assert m["threshold_tau"] == pytest.approx(0.7) and m["threshold_compute_fraction"] == pytest.approx(0.5)
+    # tau .7 sends A, B to exit 1 (B: .8 on class 0, wrong), C to exit 2, D to exit 3: 3 of 4
+    assert m["threshold_accuracy"] == pytest.approx(0.75) and m["threshold_gain"] == pytest.approx(1.0 - 0.75)
+    # confidences .95 (right), .8 (wrong), .7 (right), .8 (right): bins [.9, 1), [.8, .9), [.6, .7)
+    assert m["threshold_ece"] == pytest.approx(0.05 / 4 + 0.3 * 2 / 4 + 0.3 / 4, abs=1e-6)
+    assert m["threshold_nll"] == pytest.approx(-(math.log(0.95) + math.log(0.2) + math.log(0.7) + math.log(0.8)) / 4, rel=1e-6)

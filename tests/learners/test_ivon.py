@@ -11,6 +11,7 @@ from fedens.checks import load_scenario
 from fedens.data import load_client_data
 from fedens.learners import build_learner
 from fedens.learners.base import predict_dataset
+from fedens.learners.ivon import PRESETS, IVONOptions, lr_factor
 from fedens.metrics import ensemble_metrics
 from fedens.seeding import seeded_generator
 
@@ -46,7 +47,7 @@ def test_exported_precision_is_ess_times_hess_plus_weight_decay():
     learner, data = trained(weight_decay=1e-3)
     group = learner.opt.param_groups[0]
     assert group["ess"] == len(data.train)  # ess=None: the client's number of training examples
-    assert not torch.allclose(group["hess"], torch.full_like(group["hess"], learner.options.hess_init))  # learnt
+    assert not torch.allclose(group["hess"], torch.full_like(group["hess"], learner.options.resolve().hess_init))  # learnt
     expected = (len(data.train) * (group["hess"] + 1e-3)).numpy()
     assert np.array_equal(precisions(learner.get_arrays()), expected)
 
@@ -103,7 +104,7 @@ def test_round_one_starts_from_hess_init_later_rounds_import(monkeypatch):
         b.set_arrays(arrays)
         seen = []
         build = b._optimizer
-        monkeypatch.setattr(b, "_optimizer", lambda ess, hess=None: seen.append((ess, hess)) or build(ess, hess))
+        monkeypatch.setattr(b, "_optimizer", lambda ess, hess=None, server_round=None: seen.append((ess, hess)) or build(ess, hess))
         b.fit(data.train, seeded_generator(0, server_round, 0), server_round)
         ess, hess = seen[0]
         assert ess == n
@@ -130,3 +131,56 @@ def test_short_training_lowers_the_loss():
 def test_weight_decay_must_be_positive():
     with pytest.raises(ValueError):
         make(weight_decay=0.0)
+
+
+def test_presets_fill_what_is_not_given():
+    # fedens: beta2 is the authors' (ivon-experiments CIFAR, momentum_hess=0.99999); bayes-admm's
+    # configs/mnist_heterog/fedivon.yaml: learning_rate_local 0.02, h0_local 0.005, beta2_local 0.9998.
+    plain = IVONOptions().resolve()
+    assert (plain.preset, plain.lr, plain.hess_init, plain.beta2, plain.lr_schedule) == ("fedens", 0.5, 3.0, 0.99999, "constant")
+    admm = IVONOptions(preset="bayes_admm").resolve()  # the IVON-ADMM authors' local IVON
+    assert (admm.preset, admm.lr, admm.hess_init, admm.beta2, admm.lr_schedule) == ("bayes_admm", 0.02, 0.005, 0.9998, "cosine")
+    mine = IVONOptions(preset="bayes_admm", hess_init=1.0).resolve()  # a given value wins over the preset
+    assert (mine.lr, mine.hess_init, mine.beta2, mine.lr_schedule) == (0.02, 1.0, 0.9998, "cosine")
+    assert IVONOptions(preset="bayes_admm", beta2=0.999).resolve().beta2 == 0.999
+    assert set(PRESETS["fedens"]) == set(PRESETS["bayes_admm"])
+    with pytest.raises(ValueError):
+        IVONOptions(preset="cifar")
+
+
+def test_cosine_factor_by_hand_and_as_torchs_cosine_annealing():
+    # T = 4: (1 + cos(pi (r-1)/4)) / 2 = 1, (1 + 1/sqrt 2)/2, 1/2, (1 - 1/sqrt 2)/2, 0, and 0 after T.
+    expected = [1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2, 0.0, 0.0]
+    assert [lr_factor("cosine", r, 4) for r in range(1, 7)] == pytest.approx(expected, abs=1e-12)
+    assert lr_factor("constant", 7, None) == 1.0
+    # bayes-admm: CosineAnnealingLR(T_max=num_comm_rounds, eta_min=0), stepped once after each round
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.0)
+    torch_lrs = []
+    for _ in range(5):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert torch_lrs == pytest.approx(expected[:5], abs=1e-12)
+    with pytest.raises(ValueError, match="schedule_rounds"):
+        lr_factor("cosine", 1, None)
+
+
+def test_cosine_schedule_sets_the_rounds_learning_rate_and_stops_the_mean_after_T():
+    learner, data = make(lr_schedule="cosine", schedule_rounds=2, lr=0.4)
+    learner.fit(data.train, seeded_generator(0, 2, 0), 2)
+    assert learner.opt.param_groups[0]["lr"] == pytest.approx(0.4 * 0.5)  # (1 + cos(pi/2))/2
+    before = {k: p.detach().clone() for k, p in learner.model.named_parameters()}
+    learner.fit(data.train, seeded_generator(0, 3, 0), 3)  # r - 1 = T: factor 0, the mean stays
+    assert learner.opt.param_groups[0]["lr"] == 0.0
+    for k, p in learner.model.named_parameters():
+        assert torch.equal(p.detach(), before[k])
+    constant, data = make()
+    constant.fit(data.train, seeded_generator(0, 9, 0), 9)
+    assert constant.opt.param_groups[0]["lr"] == 0.5 and constant.opt.param_groups[0]["beta2"] == 0.99999
+
+
+def test_cosine_without_rounds_outside_ivon_admm_is_refused():
+    learner, data = make(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="schedule_rounds"):
+        learner.fit(data.train, seeded_generator(0, 1, 0), 1)

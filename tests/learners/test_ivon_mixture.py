@@ -132,3 +132,55 @@ def test_posterior_averaging_merges_component_k_with_component_k():
         expected = (0.25 * s[0] * arrays[0][name] + 0.75 * s[1] * arrays[1][name]) / (0.25 * s[0] + 0.75 * s[1])
         np.testing.assert_allclose(merged[name], expected, rtol=1e-5)
     np.testing.assert_allclose(merged[MEMBER_WEIGHTS], 0.25 * arrays[0][MEMBER_WEIGHTS] + 0.75 * arrays[1][MEMBER_WEIGHTS], rtol=1e-6)
+
+
+def test_independent_components_are_ivon_learners_averaged_uniformly():
+    from fedens.learners.ivon_mixture import component_seeds
+    from fedens.seeding import seed_torch
+
+    K = 3
+    mix, data = make(components=K, independent=True)  # the defaults' coupling, annealing, weight steps: unused
+    assert mix.options.coupling and mix.options.temperature == 2.0 and mix.options.weight_lr > 0
+    start = mix.get_arrays()
+    start[MEMBER_WEIGHTS] = np.array([0.5, 0.3, 0.2], np.float32)  # what a strategy sent: ignored
+    mix.set_arrays(start)
+    singles = []
+    for k in range(K):  # component k's initial posterior in a single ivon learner
+        single, _ = make("ivon", seed=10 + k)
+        single.set_arrays({n.replace(f"member.{k}.", "", 1): v for n, v in start.items() if f"member.{k}." in n})
+        singles.append(single)
+    for r in (1, 2):  # round 1 starts at hess_init (ess = N), round 2 from the imported precision
+        seeds = component_seeds(seeded_generator(0, r, 0), K)
+        assert len(set(seeds)) == K
+        torch.manual_seed(123)
+        out = mix.fit(data.train, seeded_generator(0, r, 0), r)
+        assert out["temperature"] == 1.0 and [out[f"weight{k}"] for k in range(K)] == pytest.approx([1 / K] * K)
+        for single, seed in zip(singles, seeds):
+            seed_torch(seed)
+            single.fit(data.train, torch.Generator().manual_seed(seed), r)
+        assert all(c.opt.param_groups[0]["ess"] == len(data.train) for c in mix.components)  # the full sample size
+    arrays = mix.get_arrays()
+    for k, single in enumerate(singles):
+        for n, v in single.get_arrays().items():
+            name = n.replace("mean.", f"mean.member.{k}.").replace("precision.", f"precision.member.{k}.")
+            np.testing.assert_allclose(arrays[name], v, rtol=1e-6, atol=1e-6, err_msg=name)
+    # the components differ (own initialisation, data order and noise); the predictive is the uniform average
+    first = next(n for n in arrays if n.startswith("mean.member.0."))
+    assert not np.array_equal(arrays[first], arrays[first.replace("member.0.", "member.1.")])
+    assert torch.equal(mix.predictive_weights, torch.full((K * 4,), 1 / (K * 4)))
+    x = torch.from_numpy(data.train.x[:16])
+    torch.manual_seed(5)
+    draws = mix.predict_proba(x)  # (K * samples, batch, classes)
+    torch.manual_seed(5)
+    each = [single.predict_proba(x) for single in singles]  # the same draws, component by component
+    assert draws.shape[0] == K * 4
+    torch.testing.assert_close((mix.predictive_weights[:, None, None] * draws).sum(0),
+                               torch.stack([p.mean(0) for p in each]).mean(0), rtol=1e-5, atol=1e-6)
+    assert arrays[MEMBER_WEIGHTS].tolist() == pytest.approx([1 / K] * K)
+
+
+def test_independent_scenario_loads():
+    scn = load_scenario({"data": {"num_clients": 2}, "model": {"kind": "mlp", "hidden": [8]},
+                         "learner": {"kind": "ivon_mixture", "components": 2, "independent": True},
+                         "strategy": {"name": "posterior_avg"}})
+    assert scn.learner.options["independent"] is True

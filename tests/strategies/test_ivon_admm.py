@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedens.algorithms.ivon_admm import IvonAdmmTerm, ivon_admm_dual_update
+from fedens.objectives import objective_from_config
 from fedens.strategies import resolve_strategy
 from fedens.algorithms.ivon_admm import ivon_admm_server_step
 
@@ -84,7 +85,7 @@ def test_client_setup_scales_the_duals_and_sets_prior_and_posterior():
     from fedens.learners import build_learner
 
     scn = load_scenario({"name": "t", "rounds": 1, "data": {"dataset": "digits", "num_clients": 2},
-                         "model": {"kind": "mlp", "hidden": [4]}, "learner": {"kind": "ivon"},
+                         "model": {"kind": "mlp", "hidden": [4]}, "learner": {"kind": "ivon", "preset": "bayes_admm"},
                          "strategy": {"name": "ivon_admm"}})
     learner = build_learner(scn, (64,), 10, CPU)
     arrays = learner.get_arrays()
@@ -92,7 +93,7 @@ def test_client_setup_scales_the_duals_and_sets_prior_and_posterior():
     global_arrays = {k: (np.full_like(v, 5.0) if k.startswith("precision.") else v) for k, v in arrays.items()}
     state = {f"dual_mean.{n}": np.full(global_arrays[f"mean.{n}"].shape, 2.0) for n in names}
     state |= {f"dual_prec.{n}": np.full(global_arrays[f"mean.{n}"].shape, -4.0) for n in names}
-    obj = IvonAdmmTerm({"rho": 2.0, "tau": 0.5, "damping": 0.1}, state, global_arrays, CPU, server_round=2)
+    obj = IvonAdmmTerm({"rho": 2.0, "tau": 0.5, "damping": 0.1, "rounds": 10}, state, global_arrays, CPU, server_round=2)
     setup = obj.ivon_setup(names, num_examples=100)
     assert setup.ess == pytest.approx(100 / 0.5 / 2.0)  # (N_k/τ)/ρ_s
     assert torch.allclose(setup.v_tilde, torch.full_like(setup.v_tilde, 2.0 / 200))  # v_k/(N_k/τ)
@@ -102,10 +103,46 @@ def test_client_setup_scales_the_duals_and_sets_prior_and_posterior():
     assert torch.allclose(precision, torch.full_like(precision, 5.0))  # started at S_g
     assert torch.equal(mean, setup.prior_mean)
     assert torch.allclose(opt.param_groups[0]["weight_decay"], torch.full_like(precision, 5.0 / 100))  # δ = S_g/λ
-    first = IvonAdmmTerm({"rho": 2.0, "tau": 0.5, "damping": 0.1}, {}, global_arrays, CPU, server_round=1)
+    first = IvonAdmmTerm({"rho": 2.0, "tau": 0.5, "damping": 0.1, "rounds": 10}, {}, global_arrays, CPU, server_round=1)
     opt1 = learner._prior_optimizer(first.ivon_setup(names, 100))
-    # round 1: hess = hess_init, so the precision is λ(h0 + S_g/λ) = 100 * 3 + 5
-    assert torch.allclose(opt1.posterior()[1], torch.full_like(precision, 100 * 3.0 + 5.0))
+    # round 1: hess = hess_init, the bayes_admm preset's h0 0.005 (the authors' MNIST h0_local), so the precision is λ(h0 + S_g/λ) = 100 * 0.005 + 5
+    assert torch.allclose(opt1.posterior()[1], torch.full_like(precision, 100 * 0.005 + 5.0))
+    group = opt1.param_groups[0]
+    assert not opt1.rescale_lr and group["beta2"] == 0.9998  # beta2_local
+    assert group["lr"] == pytest.approx(0.02)  # learning_rate_local; the cosine's factor is 1 in round 1
+    unknown = IvonAdmmTerm({"rho": 2.0}, {}, global_arrays, CPU, server_round=1).ivon_setup(names, 100)
+    with pytest.raises(ValueError, match="schedule_rounds"):  # the cosine needs the run's rounds
+        learner._prior_optimizer(unknown)
+
+
+def test_clients_run_the_cosine_over_the_scenarios_rounds():
+    from types import SimpleNamespace
+
+    from fedens.checks import load_scenario
+    from fedens.learners import build_learner
+
+    cls = resolve_strategy("ivon_admm")
+    unbound = cls()
+    assert "objective.rounds" not in unbound.train_config(1)  # unknown: nothing (a ConfigRecord holds no None)
+    bound = cls()
+    bound.ctx = SimpleNamespace(scenario=SimpleNamespace(rounds=4))
+    sent = bound.train_config(3)
+    assert sent["objective.rounds"] == 4
+    assert cls(rounds=9).train_config(1)["objective.rounds"] == 9  # given: kept
+    cfg = {"name": "t", "rounds": 4, "data": {"dataset": "digits", "num_clients": 2},
+           "model": {"kind": "mlp", "hidden": [4]}, "learner": {"kind": "ivon", "preset": "bayes_admm"},
+           "strategy": {"name": "ivon_admm"}}
+    learner = build_learner(load_scenario(cfg), (64,), 10, CPU)
+    names = [n for n, _ in learner.model.named_parameters()]
+    arrays = {k: (np.full_like(v, 5.0) if k.startswith("precision.") else v) for k, v in learner.get_arrays().items()}
+    term = objective_from_config(sent, {}, arrays, CPU, 100, server_round=3)
+    setup = term.ivon_setup(names, 100)
+    assert setup.rounds == 4
+    # round 3 of T = 4: lr 0.02 (1 + cos(pi 2/4))/2 = 0.01 (bayes-admm's CosineAnnealingLR(T_max=num_comm_rounds))
+    assert learner._prior_optimizer(setup, 3).param_groups[0]["lr"] == pytest.approx(0.01)
+    assert learner._prior_optimizer(setup, 5).param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    mine = build_learner(load_scenario({**cfg, "learner": {"kind": "ivon", "preset": "bayes_admm", "schedule_rounds": 2}}), (64,), 10, CPU)
+    assert mine._prior_optimizer(setup, 2).param_groups[0]["lr"] == pytest.approx(0.01)  # its own T = 2 wins
 
 
 def test_bad_params_rejected():

@@ -109,6 +109,9 @@ class TuneConfig(BaseModel):
     startup_trials: int | None = Field(
         None, ge=0, description="random trials before TPE models the history and before pruning starts; None: trials // 3")
     seed: int = Field(0, ge=0, description="seeds the sampler (trial k: derived from (seed, k))")
+    prune_after: int | None = Field(
+        None, ge=0, description="rounds a trial runs before the pruner may stop it (a slow start is not a bad "
+        "plateau); None: half of `rounds` (0 when `rounds` is not given)")
 
     @field_validator("seeds")
     @classmethod
@@ -120,6 +123,13 @@ class TuneConfig(BaseModel):
     @property
     def startup(self) -> int:
         return self.trials // 3 if self.startup_trials is None else self.startup_trials
+
+    @property
+    def warmup(self) -> int:
+        """Pruning steps before the pruner may stop a trial (steps are rounds of the first seed)."""
+        if self.prune_after is not None:
+            return self.prune_after
+        return (self.rounds // 2) if self.rounds is not None else 0
 
 
 class VariantTune(BaseModel):
@@ -270,8 +280,9 @@ def _pruner(cfg: TuneConfig) -> Any:
 
     if cfg.pruner == "none":
         return optuna.pruners.NopPruner()
-    # compared at the same (seed, round) step; no pruning before `startup` trials have finished
-    return optuna.pruners.MedianPruner(n_startup_trials=max(cfg.startup, 1), n_warmup_steps=0)
+    # compared at the same (seed, round) step; no pruning before `startup` trials have finished,
+    # nor before a trial's `warmup` rounds: an early median favours fast starters over the best plateau
+    return optuna.pruners.MedianPruner(n_startup_trials=max(cfg.startup, 1), n_warmup_steps=cfg.warmup)
 
 
 def _fmt_params(params: dict[str, Any]) -> str:

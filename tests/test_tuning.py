@@ -75,6 +75,24 @@ def test_pruned_and_diverged_trials_spend_budget(tmp_path: Path) -> None:
     assert [h["index"] for h in st.history] == list(range(6))
 
 
+def test_no_trial_is_pruned_before_its_warm_up_rounds(tmp_path: Path) -> None:
+    # trial 0 sets the median; trial 1 is far worse at every step: with prune_after 3 it is
+    # pruned at step 3 (the first step past the warm-up), not at step 0
+    storage, cfg = _study(tmp_path, trials=2, pruner="median", startup_trials=1, prune_after=3)
+    assert TuneConfig(trials=2, seeds=[1], rounds=30).warmup == 15 and TuneConfig(trials=2, seeds=[1]).warmup == 0
+    stopped_at = {}
+
+    def evaluate(k: int, p: dict, report) -> TrialOutcome:  # noqa: ANN001
+        for step in range(6):
+            if report(step, 1.0 if k == 0 else 100.0):
+                stopped_at[k] = step
+                return TrialOutcome(None, "pruned")
+        return TrialOutcome(1.0 if k == 0 else 100.0, "complete")
+
+    st = run_study(storage, "v", cfg, cfg.space, "fp", evaluate)
+    assert stopped_at == {1: 3} and (st.complete, st.pruned) == (1, 1)
+
+
 def test_a_study_made_with_other_settings_is_refused(tmp_path: Path) -> None:
     storage, cfg = _study(tmp_path, trials=1)
     run_study(storage, "v", cfg, cfg.space, "fp-1", lambda k, p, r: TrialOutcome(1.0, "complete"))

@@ -35,11 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import ALL, MARGIN, REFERENCE, RUN_GLOBS, Check, Claim, check, code_hashes, finish_stamp, \
-    new_stamp, report, run_keys  # noqa: E402
+from benchmarks.report import ALL, MARGIN, REFERENCE, RUN_GLOBS, Check, Claim, check, code_hashes, evaluate_claim, \
+    finish_stamp, new_stamp, report, run_keys  # noqa: E402
 
 BENCHMARKS = ROOT / "benchmarks"
 __all__ = ["CLAIMS", "MARGIN", "main", "run_all"]
+
+# The protocol (docs/comparisons.md): 5 evaluation seeds, and 10 where an interval still does
+# not decide a check; the runs of the first 5 are kept, only seeds 5-9 run.
+MORE_SEEDS = 10
 
 EXITS = ("lambda_0.03", "lambda_0.1", "lambda_0.3", "joint_0.1", "budgets")
 CONFORMAL = ("pooled_lac", "pooled_aps", "qoq_lac", "qoq_aps")
@@ -180,6 +184,18 @@ def forget_runs(folder: Path) -> int:
     return len(markers)
 
 
+def undecided(out: Path, name: str) -> int | None:
+    """The number of evaluation seeds of comparison ``name`` when a check of one of its claims
+    is inconclusive there (its interval does not decide), else None."""
+    for claim in CLAIMS:
+        if claim.comparison != name:
+            continue
+        res = evaluate_claim(claim, out, BENCHMARKS)
+        if res.runs is not None and any(c.verdict == "inconclusive" for p in res.pairs for c in p.checks):
+            return len({r["seed"] for r in res.runs.rows})
+    return None
+
+
 def run_all(out: Path, only: list[str], rerun: bool = False) -> dict[str, float]:
     """Every comparison (tuning first where the file has a ``tune:`` block, then the runs) into
     ``out/<name>``, in one session; stamps each; seconds per comparison (``elapsed.json``)."""
@@ -210,6 +226,10 @@ def run_all(out: Path, only: list[str], rerun: bool = False) -> dict[str, float]
             t = time.time()
             try:
                 run_comparison(path, folder, session=session, progress=False)
+                seeds = undecided(out, path.stem)
+                if seeds is not None and seeds < MORE_SEEDS:
+                    print(f"== {path.stem}: an interval does not decide at {seeds} seeds: {MORE_SEEDS} seeds", flush=True)
+                    run_comparison(path, folder, session=session, progress=False, seeds=MORE_SEEDS)
             finally:  # also when a run fails or the suite is interrupted: the runs that finished are stamped
                 final = finish_stamp(folder, stamp, before, time.time() - t, end_files=code_hashes(ROOT, path),
                                      machine=host)

@@ -271,13 +271,17 @@ def is_comparison(raw: Any) -> bool:
     return isinstance(raw, dict) and "base" in raw and ("variants" in raw or "grid" in raw)
 
 
-def load_comparison(path: str | Path, extra: list[str] = ()) -> tuple[Comparison, list[PlannedRun]]:
-    """The comparison and every run it plans (variant x seed), each a validated scenario.
-    Raises ``ScenarioError`` (one line naming the file and the key) for any invalid part."""
+def load_comparison(path: str | Path, extra: list[str] = (), seeds: int | list[int] | None = None
+                    ) -> tuple[Comparison, list[PlannedRun]]:
+    """The comparison and every run it plans (variant x seed), each a validated scenario;
+    ``seeds`` replaces the file's evaluation seeds (e.g. more of them where an interval does not
+    decide). Raises ``ScenarioError`` (one line naming the file and the key) for any invalid part."""
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: a comparison must be a mapping")
+    if seeds is not None:
+        raw = {**raw, "seeds": seeds}
     try:
         cmp = Comparison.model_validate(raw)
     except ValidationError as err:
@@ -356,15 +360,17 @@ class RunOutcome:
 
 
 def run_comparison(path: str | Path, out: str | Path, extra: list[str] = (), verbose: bool = False,
-                   progress: bool | None = None, session: Any = None) -> dict[str, Any]:
+                   progress: bool | None = None, session: Any = None, seeds: int | list[int] | None = None
+                   ) -> dict[str, Any]:
     """Run (or resume) every planned run into ``out`` and write the comparison files; returns
     the comparison's statistics (what ``comparison.json`` holds). ``session``: a
-    ``fedens.Session`` to run in (default: one of its own, closed at the end).
+    ``fedens.Session`` to run in (default: one of its own, closed at the end); ``seeds``: in
+    place of the file's evaluation seeds (finished runs of seeds the file had are kept).
 
     With a ``tune:`` block, every variant is tuned first (``tune_variants``: one Optuna study per
     variant in ``out/tuning.db``, trials in ``out/tuning/``), and the evaluation runs use each
     variant's chosen values."""
-    cmp, runs = load_comparison(path, list(extra))
+    cmp, runs = load_comparison(path, list(extra), seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     live = sys.stderr.isatty() if progress is None else progress

@@ -416,3 +416,17 @@ def test_run_all_stamps_and_times_each_comparison(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "ivon" / "stamp.json").read_text())["date"] == stamp["date"] and again == elapsed
     with pytest.raises(SystemExit):
         run.run_all(tmp_path, ["no_such_comparison"])
+
+
+def test_a_comparison_whose_interval_does_not_decide_gets_more_seeds(tmp_path, monkeypatch):
+    # "unsure" straddles zero over 5 seeds ([-0.0219, +0.0259]): the protocol asks for 10 seeds;
+    # a claim over the decided pairs only asks for nothing
+    import benchmarks.run as run
+
+    out, bench = layout(tmp_path)
+    monkeypatch.setattr(run, "BENCHMARKS", bench)
+    monkeypatch.setattr(run, "CLAIMS", [claim(pairs=[("unsure", "base")])])
+    assert run.undecided(out, "cmp") == 5 and run.MORE_SEEDS == 10
+    monkeypatch.setattr(run, "CLAIMS", [claim(pairs=[("holds", "base"), ("worse", "base")])])
+    assert run.undecided(out, "cmp") is None
+    assert run.undecided(out, "other") is None  # no claim on that comparison

@@ -507,7 +507,8 @@ def tuning_table(folder: Path, names: list[str], lay: Layout | None = None) -> l
         wanted |= {v.named for v in lay.variants if v.name in names}
     rows = [r for r in rows if str(r.get("variant")) in wanted] or rows
     keys = [c for c in columns if c.startswith("best.")]
-    trials = Counter(r.get("trials") for r in rows)
+    fixed = {str(r.get("variant")) for r in rows if r.get("tuned") is False}  # fixed controls: no trials by design
+    trials = Counter(r.get("trials") for r in rows if str(r.get("variant")) not in fixed)
     usual = trials.most_common(1)[0][0] if trials else None
     counts = [c for c in ("complete", "pruned", "diverged") if c in columns]
     lines = ["Tuning (tuning.csv): the configuration each variant chose and its number of trials.", "",
@@ -516,12 +517,13 @@ def tuning_table(folder: Path, names: list[str], lay: Layout | None = None) -> l
              "|---" * (len(keys) + len(counts) + 4) + "|"]
     flagged = []
     for r in rows:
-        n = r.get("trials")
-        odd = len(trials) > 1 and n != usual
+        n, is_fixed = r.get("trials"), str(r.get("variant")) in fixed
+        odd = not is_fixed and len(trials) > 1 and n != usual
         if odd:
             flagged.append(str(r.get("variant")))
         cells = [_cell(r.get(k)) for k in keys]
-        lines.append(f"| {r.get('variant')} | {_cell(n)}{' **(unequal budget)**' if odd else ''} | "
+        note = " **(unequal budget)**" if odd else " (fixed control, not tuned)" if is_fixed else ""
+        lines.append(f"| {r.get('variant')} | {_cell(n)}{note} | "
                      + "".join(f"{_cell(r.get(c))} | " for c in counts) + f"{_cell(r.get('objective'))} | "
                      f"{_cell(r.get('best_value'))} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -529,7 +531,8 @@ def tuning_table(folder: Path, names: list[str], lay: Layout | None = None) -> l
         lines.append(f"**Unequal tuning budget**: {', '.join(flagged)} ran a different number of trials from the others "
                      f"({_cell(usual)}).")
     elif rows:
-        lines.append(f"Every variant had the same tuning budget: {_cell(usual)} trials.")
+        lines.append(f"Every tuned variant had the same tuning budget: {_cell(usual)} trials"
+                     + (f"; {', '.join(sorted(fixed))} ran at the settings of the comparison file." if fixed else "."))
     return lines
 
 

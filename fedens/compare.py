@@ -548,7 +548,7 @@ def write_tuning(cmp: Comparison, studies: dict[str, Any], out: Path) -> None:
     keys = sorted({k for st in studies.values() for k in st.space})
     rows = []
     for name, st in studies.items():
-        rows.append({"variant": name, "trials": st.trials, "complete": st.complete, "pruned": st.pruned,
+        rows.append({"variant": name, "tuned": bool(st.space), "trials": st.trials, "complete": st.complete, "pruned": st.pruned,
                      "diverged": st.diverged, "objective": st.objective, "direction": st.direction,
                      "best_value": st.best_value, "best_trial": st.best_trial,
                      **{f"best.{k}": st.best_params.get(k) for k in keys}})

@@ -167,6 +167,15 @@ def test_plateau_and_tuning_table(tmp_path):
     assert "| unsure | 12 **(unequal budget)** | val_nll | 0.45 | 0.01 |" in text
     assert "| holds | 20 | val_nll | 0.39 | 0.1 |" in text
     assert "**Unequal tuning budget**: unsure" in text
+    # a fixed control (tuned: False, no trials by design) is labelled and not a budget mismatch
+    write_csv(out / "cmp" / "tuning.csv",
+              [{"variant": "base", "tuned": True, "trials": 20, "best_value": 0.41, "objective": "val_nll", "best.train.lr": 0.05},
+               {"variant": "holds", "tuned": True, "trials": 20, "best_value": 0.39, "objective": "val_nll", "best.train.lr": 0.1},
+               {"variant": "unsure", "tuned": False, "trials": 0, "best_value": None, "objective": "val_nll", "best.train.lr": None}],
+              ["variant", "tuned", "trials", "best_value", "objective", "best.train.lr"])
+    text = R.report(out, [claim(pairs=[("holds", "base"), ("unsure", "base")])], bench, root=tmp_path, lister=lambda r: [])
+    assert "| unsure | 0 (fixed control, not tuned) | val_nll |" in text and "Unequal" not in text
+    assert "Every tuned variant had the same tuning budget: 20 trials; unsure ran at the settings of the comparison file." in text
 
 
 def test_within_run_and_missing_variants(tmp_path):

@@ -903,6 +903,10 @@ def render_claim(res: ClaimResult, out: Path, root: Path, benchmarks: Path, img:
     return lines + [""]
 
 
+# The commit of the last docs/results.md from the earlier, untuned suite (for the "not run yet" note).
+PREVIOUS_SUITE = "84c8ffc"
+
+
 def report(out: Path, claims: list[Claim], benchmarks: Path, root: Path = ROOT, img: Path | None = None,
            hasher: Callable[[Path], str] = blob_hash, lister: Callable[[Path], list[str]] = code_files) -> str:
     """docs/results.md from ``out``'s comparison folders: a summary, then a section per claim."""
@@ -924,8 +928,12 @@ def report(out: Path, claims: list[Claim], benchmarks: Path, root: Path = ROOT, 
              "chosen configuration and number of trials; otherwise every method runs with its fedens defaults and "
              "the comparison's shared settings. Every number on this page is computed from the runs' `runs.csv`; "
              "each section says the commit and date it ran at.", "",
-             "Regenerate: `python benchmarks/run.py --out benchmarks/results` (resumes); `--report` rewrites this page only; "
-             "`--check` lists the sections whose code changed since they ran.", ""]
+             "Regenerate: `python benchmarks/run.py` (runs into `benchmarks/results`, resumes); `--report` rewrites this "
+             "page only; `--check` lists the sections whose code changed since they ran.", ""]
+    if any(not r.ran for r in results):
+        lines += ["A claim marked \"not run yet\" has not run under this protocol (equal-budget tuning, early stopping, "
+                  "temperature scaling; docs/comparisons.md). The verdicts of the earlier suite, untuned and at a fixed "
+                  f"number of rounds, are in this page's history: `git show {PREVIOUS_SUITE}:docs/results.md`.", ""]
     rows = []
     for r in results:
         k, n = r.unstable_runs()

@@ -104,7 +104,7 @@ def test_a_tuned_comparison_gives_every_variant_the_same_budget_on_validation_da
             assert ran["seed"] == seed
             assert ran["train"]["lr"] == pytest.approx(report["tuning"][name]["best_params"]["train.lr"])
     csv = (out / "tuning.csv").read_text().splitlines()
-    assert csv[0].startswith("variant,trials") and len(csv) == 3
+    assert csv[0].startswith("variant,tuned,trials") and len(csv) == 3
     assert (out / "tuning.png").stat().st_size > 0 and "| sgd |" in (out / "tuning.md").read_text()
     # the same command again: nothing runs, the same choice
     again = run_comparison(tmp_path / "cmp.yaml", out, session=session, progress=False)
